@@ -1,0 +1,376 @@
+"""Load and save Mini-Gemini checkpoints in the official layout (transformers-4 weight names).
+
+Loading builds the model on the meta device and streams each stored tensor straight into its final
+place, so the weights exist once in memory. It is strict: a missing or unexpected weight is an error
+that names it. Saving writes the same layout, so other MGM tools read what we write.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+
+from .config import MGMConfig
+from .model import MiniGemini
+from .preprocess import ImageProcessor
+
+# official prefix <-> our module path; anything else belongs to the LLM (`llm.` + its own name)
+_PREFIXES = [
+    ("model.vision_tower.vision_tower.vision_model.", "vision_tower.clip."),  # transformers 5 CLIP has no vision_model.
+    ("model.vision_tower_aux.", "vision_tower_aux."),
+    ("model.mm_projector.", "mm_projector."),
+    ("model.vlm_uni_query_projector.", "mining.query."),
+    ("model.vlm_uni_aux_projector.", "mining.key."),
+    ("model.vlm_uni_val_projector.", "mining.value."),
+]
+# Mixtral: checkpoints keep one Linear per expert (w1 gate, w3 up, w2 down); transformers 5 fuses them.
+_MOE = re.compile(r"(model\.layers\.\d+)\.block_sparse_moe\.(?:experts\.(\d+)\.(w[123])|gate)\.weight")
+_FUSED = re.compile(r"llm\.(model\.layers\.\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+# Stored buffers that transformers 5 recomputes instead of loading.
+_IGNORED = re.compile(r".*(\.position_ids|rotary_emb\.inv_freq)$")
+
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
+                "pytorch_model.bin.index.json", "pytorch_model.bin")
+_HUB_META = ["*.json", "*.model", "*.txt", "*.tiktoken"]
+
+
+class ModelLoadError(RuntimeError):
+    """A loading problem, worded for the person who asked for the model."""
+
+
+# ---- names ----------------------------------------------------------------------------------------
+def to_internal(key: str):
+    """Official name -> (our parameter name, slot) where slot = (expert, 'gate'|'up'|'down') for Mixtral."""
+    m = _MOE.fullmatch(key)
+    if m:
+        layer, expert, w = m.groups()
+        if expert is None:
+            return f"llm.{layer}.mlp.gate.weight", None
+        part = {"w1": "gate", "w3": "up", "w2": "down"}[w]
+        fused = "down_proj" if part == "down" else "gate_up_proj"
+        return f"llm.{layer}.mlp.experts.{fused}", (int(expert), part)
+    for official, ours in _PREFIXES:
+        if key.startswith(official):
+            return ours + key[len(official):], None
+    return "llm." + key, None
+
+
+def to_official(name: str, tensor: torch.Tensor):
+    """Our parameter -> [(official name, tensor)], splitting fused Mixtral experts."""
+    m = _FUSED.fullmatch(name)
+    if m:
+        layer, kind = m.groups()
+        out = []
+        for e in range(tensor.shape[0]):
+            base = f"{layer}.block_sparse_moe.experts.{e}"
+            if kind == "down_proj":
+                out.append((f"{base}.w2.weight", tensor[e]))
+            else:
+                gate, up = tensor[e].chunk(2, dim=0)
+                out += [(f"{base}.w1.weight", gate), (f"{base}.w3.weight", up)]
+        return out
+    if name.startswith("llm."):  # the LLM keeps its own names; only the MoE router is renamed
+        return [(re.sub(r"\.mlp\.gate\.weight$", ".block_sparse_moe.gate.weight", name[4:]), tensor)]
+    for official, ours in _PREFIXES:
+        if name.startswith(ours):
+            return [(official + name[len(ours):], tensor)]
+    raise KeyError(name)
+
+
+def _is_moe(model: MiniGemini) -> bool:
+    return model.config.family == "mixtral"
+
+
+def official_state_dict(model: MiniGemini) -> dict:
+    sd, moe = {}, _is_moe(model)
+    tied = _tied(model)
+    for name, t in model.state_dict().items():
+        if tied and name == "llm.lm_head.weight":
+            continue  # tied to embed_tokens: transformers-4 checkpoints leave it out
+        if not moe and name.startswith("llm."):
+            sd[name[4:]] = t
+            continue
+        for k, v in to_official(name, t):
+            sd[k] = v.contiguous()
+    return sd
+
+
+def _tied(model: MiniGemini) -> bool:
+    return bool(getattr(model.config.llm, "tie_word_embeddings", False))
+
+
+# ---- files ----------------------------------------------------------------------------------------
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """Yield (name, tensor) from a .safetensors file, one tensor at a time.
+
+    Plain reads into a fresh tensor rather than a memory map: the process then never holds the file's
+    pages on top of the weights, which keeps peak memory at about the size of the weights.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ModelLoadError(f"{path} is not a safetensors file (too short); download it again.")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100_000_000):
+            raise ModelLoadError(f"{path} has a corrupt safetensors header; download it again.")
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        base = 8 + n
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, end = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+            if t.numel() * t.element_size() != end - start or base + end > size:
+                raise ModelLoadError(f"{path}: tensor {name} is truncated; download the file again.")
+            f.seek(base + start)
+            if end > start:
+                f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy()))
+            yield name, t
+
+
+def read_weights(path):
+    path = str(path)
+    if path.endswith(".safetensors"):
+        yield from read_safetensors(path)
+    else:
+        yield from torch.load(path, map_location="cpu", mmap=True, weights_only=True).items()
+
+
+def weight_files(folder: Path) -> list[Path]:
+    for name in WEIGHT_FILES:
+        p = folder / name
+        if p.exists():
+            if name.endswith(".index.json"):
+                shards = json.loads(p.read_text())["weight_map"].values()
+                return [folder / s for s in dict.fromkeys(shards)]
+            return [p]
+    raise ModelLoadError(f"No weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}.")
+
+
+# ---- locating a checkpoint ------------------------------------------------------------------------
+def resolve(name_or_path: str, revision: str | None = None) -> Path:
+    """A local folder, or a hub id fetched into (or found in) the Hugging Face cache."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise ModelLoadError(f"{name_or_path} is a file; pass the folder that holds config.json.")
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
+    if looks_local:
+        raise ModelLoadError(f"Model folder not found: {name_or_path}. Pass a folder with config.json and "
+                             "the weights, or a Hugging Face model id such as YanweiLi/MGM-2B.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+    try:
+        folder = Path(snapshot_download(name_or_path, revision=revision,
+                                        allow_patterns=_HUB_META + ["*.safetensors"]))
+        if not any(folder.glob("*.safetensors")):  # older repos only have pytorch_model*.bin
+            folder = Path(snapshot_download(name_or_path, revision=revision, allow_patterns=_HUB_META + ["*.bin"]))
+        return folder
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as e:
+        raise ModelLoadError(f"{name_or_path} was not found on the Hugging Face hub (or needs a login: "
+                             f"`hf auth login`). Check the id, e.g. YanweiLi/MGM-2B. ({type(e).__name__})") from e
+    except (LocalEntryNotFoundError, OSError) as e:
+        raise ModelLoadError(
+            f"{name_or_path} is not in the local Hugging Face cache and the hub cannot be reached. "
+            f"On a machine with internet run `hf download {name_or_path}` (it fills the cache that this "
+            f"app reads; copy ~/.cache/huggingface if needed), or pass a local folder. "
+            f"The app starts on the bundled demo model meanwhile. ({type(e).__name__})") from e
+
+
+# ---- loading --------------------------------------------------------------------------------------
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _default_dtype(device: str) -> torch.dtype:
+    if str(device).startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _plan_devices(model, device_map, dtype):
+    """device_map 'auto' / 'balanced' / a dict -> {module prefix: device} (accelerate decides)."""
+    if isinstance(device_map, dict):
+        return device_map
+    from accelerate import infer_auto_device_map
+    layer_classes = {type(m).__name__ for m in model.modules()
+                     if type(m).__name__.endswith(("DecoderLayer", "EncoderLayer", "Stage"))}
+    return infer_auto_device_map(model, no_split_module_classes=sorted(layer_classes), dtype=dtype)
+
+
+def _device_for(name: str, plan: dict):
+    best, dev = -1, None
+    for prefix, d in plan.items():
+        if (prefix == "" or name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+            best, dev = len(prefix), d
+    if dev is None:
+        raise ModelLoadError(f"device_map gives no device for {name}")
+    if dev == "disk":
+        raise ModelLoadError("device_map puts weights on disk; give more max_memory or use a smaller dtype.")
+    return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+
+
+def load_weights(model: MiniGemini, files, dtype: torch.dtype, plan: dict):
+    """Stream the checkpoint's tensors into a meta-initialised model (strict, official names)."""
+    expected = set(model.state_dict())
+    tied = _tied(model)
+    if tied:
+        expected.discard("llm.lm_head.weight")
+    fused: dict[str, list] = {}
+    unexpected, seen = [], set()
+    for file in files:
+        if not Path(file).exists():
+            raise ModelLoadError(f"Missing weight shard {file}; download the checkpoint again.")
+        for key, t in read_weights(file):
+            name, slot = to_internal(key)
+            if _IGNORED.fullmatch(key) or (tied and name == "llm.lm_head.weight"):
+                continue
+            if name not in expected:
+                unexpected.append(key)
+                continue
+            device = _device_for(name, plan)
+            value = t.to(dtype) if t.is_floating_point() else t
+            if slot is None:
+                set_module_tensor_to_device(model, name, device, value=value)
+                seen.add(name)
+                continue
+            # Fill one expert's slice of a fused Mixtral tensor.
+            expert, part = slot
+            if name not in fused:
+                shape = model.get_parameter(name).shape
+                set_module_tensor_to_device(model, name, device, value=torch.empty(shape, dtype=dtype, device=device))
+                fused[name] = [0, shape[0] * (1 if name.endswith("down_proj") else 2)]
+            p = model.get_parameter(name).data
+            half = p.shape[1] // 2
+            rows = {"down": slice(None), "gate": slice(0, half), "up": slice(half, None)}[part]
+            p[expert, rows].copy_(value)
+            fused[name][0] += 1
+    seen |= {n for n, (got, need) in fused.items() if got == need}
+    missing = sorted(expected - seen)
+    if missing or unexpected:
+        def show(keys):
+            return ", ".join(keys[:8]) + (f" (and {len(keys) - 8} more)" if len(keys) > 8 else "")
+        parts = []
+        if missing:
+            parts.append(f"missing weights: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected weights: {show(unexpected)}")
+        raise ModelLoadError("The checkpoint does not match its config.json — " + "; ".join(parts) +
+                             ". Nothing was initialised at random; check that the files are complete.")
+    if tied:
+        model.llm.tie_weights()
+
+
+def _quantize(model: MiniGemini, bits: int, dtype: torch.dtype):
+    """bitsandbytes 4/8-bit for the LLM's decoder Linear layers (towers, projectors and lm_head stay)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise ModelLoadError("4/8-bit loading needs bitsandbytes: pip install bitsandbytes") from e
+    for module in list(model.llm.model.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is not torch.nn.Linear:
+                continue
+            bias = child.bias is not None
+            if bits == 4:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias, compute_dtype=dtype,
+                                      quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+            else:
+                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias,
+                                        has_fp16_weights=False, threshold=6.0)
+                q.weight = bnb.nn.Int8Params(child.weight.data, requires_grad=False, has_fp16_weights=False)
+            if bias:
+                q.bias = child.bias
+            setattr(module, child_name, q)
+
+
+def load_pretrained(name_or_path: str, *, device: str | None = None, dtype: torch.dtype | str | None = None,
+                    device_map=None, load_in_4bit: bool = False, load_in_8bit: bool = False,
+                    template: str | None = None, revision: str | None = None) -> MiniGemini:
+    """Load an MGM checkpoint (hub id or folder) with its tokenizer, image processor and chat template.
+
+    device_map: None (everything on `device`), "auto" (accelerate spreads it over GPUs and CPU), or a dict.
+    """
+    from transformers import AutoTokenizer
+
+    from .templates import select_template
+    folder = resolve(str(name_or_path), revision)
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise ModelLoadError(f"{folder} has no config.json; it is not a Mini-Gemini checkpoint.")
+    try:
+        config = MGMConfig.from_dict(json.loads(cfg_path.read_text()))
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from e
+    quant = 4 if load_in_4bit else 8 if load_in_8bit else 0
+    if quant and not torch.cuda.is_available():
+        raise ModelLoadError("4/8-bit loading (bitsandbytes) needs a CUDA GPU; load without it on CPU.")
+    device = device or _default_device()
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                 "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
+    dtype = dtype or _default_dtype(device)
+
+    with init_empty_weights(include_buffers=False):
+        model = MiniGemini(config)
+    plan = _plan_devices(model, device_map, dtype) if device_map is not None else \
+        {"": "cpu" if quant else device}
+    load_weights(model, weight_files(folder), dtype, plan)
+    if quant:
+        _quantize(model, quant, dtype)
+        model.to(device)
+    elif device_map is not None:
+        from accelerate import dispatch_model
+        dispatch_model(model, device_map=plan)
+    else:
+        model.to(device)  # moves the buffers; the weights are already there
+    model.eval().requires_grad_(False)
+
+    model.tokenizer = AutoTokenizer.from_pretrained(folder)
+    model.processor = ImageProcessor.from_config(config)
+    model.template = select_template(config.raw, model.tokenizer, template)
+    model.name_or_path = str(name_or_path)
+    return model
+
+
+# ---- saving ---------------------------------------------------------------------------------------
+def save_pretrained(model: MiniGemini, out_dir, *, max_shard_size: str | int = "5GB", safe_serialization=True):
+    """Write config.json, the weights (official names, sharded with an index) and the tokenizer."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = official_state_dict(model)
+    pattern = "model{suffix}.safetensors" if safe_serialization else "pytorch_model{suffix}.bin"
+    split = split_torch_state_dict_into_shards(sd, filename_pattern=pattern, max_shard_size=max_shard_size)
+    for filename, keys in split.filename_to_tensors.items():
+        shard = {k: sd[k].detach().cpu().contiguous() for k in keys}
+        if safe_serialization:
+            from safetensors.torch import save_file
+            save_file(shard, out / filename, metadata={"format": "pt"})
+        else:
+            torch.save(shard, out / filename)
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
+                 "weight_map": split.tensor_to_filename}
+        (out / (pattern.format(suffix="") + ".index.json")).write_text(json.dumps(index, indent=2, sort_keys=True))
+    cfg = model.config.to_dict()
+    cfg["torch_dtype"] = str(model.dtype).replace("torch.", "")
+    cfg.pop("dtype", None)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(out)
+    return out

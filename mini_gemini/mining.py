@@ -1,0 +1,49 @@
+"""Patch info mining: each low-resolution token attends to its own window of the high-resolution map.
+
+With x an LR token (width C) and h_j the HR feature vectors (width C_aux) of its P x P window:
+
+    q = Linear(LN(x)),  k_j = Linear(LN(h_j)),  v_j = Linear(LN(h_j))
+    a = softmax_j(q . k_j / sqrt(C)),  token = x + sum_j a_j v_j
+
+The token count is unchanged; `a` is what the mining heatmap shows, so it is returned as is.
+"""
+import math
+
+import torch
+from torch import nn
+
+
+def windows(hr: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, C_aux, H, W) HR map -> (B, side*side, P*P, C_aux): the P x P window under each LR token.
+
+    Tokens are row-major over the LR grid, candidates row-major inside their window.
+    """
+    b, c, h, w = hr.shape
+    p = h // side
+    x = hr.permute(0, 2, 3, 1).reshape(b, side, p, side, p, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, side * side, p * p, c)
+
+
+class PatchInfoMining(nn.Module):
+    def __init__(self, dim: int, aux_dim: int):
+        super().__init__()
+        # Names and order (0 = LayerNorm, 1 = Linear) follow the checkpoints' vlm_uni_*_projector.
+        self.query = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
+        self.key = nn.Sequential(nn.LayerNorm(aux_dim), nn.Linear(aux_dim, dim))
+        self.value = nn.Sequential(nn.LayerNorm(aux_dim), nn.Linear(aux_dim, dim))
+
+    def forward(self, x: torch.Tensor, hr: torch.Tensor):
+        """x: (B, N, C) LR tokens; hr: (B, C_aux, H, W) with H = W = P * sqrt(N).
+
+        Returns the mined tokens (B, N, C) and the attention weights (B, N, P*P).
+        """
+        side = math.isqrt(x.shape[1])
+        cand = windows(hr.to(x.dtype), side)
+        q = self.query(x).unsqueeze(2)                      # (B, N, 1, C)
+        k = self.key(cand)                                  # (B, N, P*P, C)
+        v = self.value(cand)
+        # Scale the keys before the product, as the reference does, so fp16/bf16 results match it.
+        logits = (q @ (k.transpose(-1, -2) / math.sqrt(k.shape[-1]))).nan_to_num()
+        attn = logits.softmax(-1)                           # (B, N, 1, P*P)
+        mined = (attn @ v).squeeze(2)
+        return x + mined, attn.squeeze(2)

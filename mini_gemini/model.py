@@ -1,0 +1,161 @@
+"""The Mini-Gemini model: two vision towers, patch info mining, a projector and a causal LM.
+
+    LR image (336) -> CLIP ViT      -> 576 tokens x 1024 ─┐ queries
+    HR image (768) -> ConvNeXt-L    -> 192 x 192 x 2880 ──┴ keys/values -> mining -> projector -> LLM
+
+The LLM is an unmodified transformers causal LM; visual tokens enter as `inputs_embeds` where the
+prompt has an image slot (IMAGE_TOKEN_INDEX), so decoding runs the bare LLM's own loop.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from timm.models.convnext import ConvNeXt
+from torch import nn
+from transformers import (CLIPVisionModel, GemmaForCausalLM, LlamaForCausalLM, MistralForCausalLM,
+                          MixtralForCausalLM)
+
+from .config import MGMConfig
+from .constants import IMAGE_TOKEN_INDEX
+from .mining import PatchInfoMining
+
+LLM_CLASSES = {"gemma": GemmaForCausalLM, "llama": LlamaForCausalLM, "mistral": MistralForCausalLM,
+               "mixtral": MixtralForCausalLM}
+
+
+class CLIPTower(nn.Module):
+    """LR encoder: hidden states of `select_layer`, patch tokens only (CLS dropped)."""
+
+    def __init__(self, config, select_layer: int = -2, select_feature: str = "patch"):
+        super().__init__()
+        self.clip = CLIPVisionModel(config)
+        self.select_layer, self.select_feature = select_layer, select_feature
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.clip(pixel_values=pixels, output_hidden_states=True)
+        h = out.hidden_states[self.select_layer]
+        return h[:, 1:] if self.select_feature == "patch" else h
+
+
+class ConvNeXtTower(nn.Module):
+    """HR encoder: a timm ConvNeXt's stem and four stages; every stage resized to stage 0, concatenated."""
+
+    def __init__(self, depths, dims):
+        super().__init__()
+        trunk = ConvNeXt(depths=tuple(depths), dims=tuple(dims), num_classes=0)
+        self.vision_stem, self.vision_stages = trunk.stem, trunk.stages  # norm_pre and head are unused
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.vision_stem(pixels)
+        feats = []
+        for stage in self.vision_stages:
+            x = stage(x)
+            feats.append(x)
+        size = feats[0].shape[-2:]
+        # Resize in fp32 as the reference does, then back to the tower's dtype.
+        feats = [feats[0]] + [F.interpolate(f.float(), size=size, mode="bilinear", align_corners=False).to(f.dtype)
+                              for f in feats[1:]]
+        return torch.cat(feats, dim=1)
+
+
+def build_projector(kind: str, dim: int, hidden: int) -> nn.Module:
+    """`linear` or `mlp{N}x_gelu` (MGM uses mlp2x_gelu: Linear, GELU, Linear)."""
+    if kind == "linear":
+        return nn.Linear(dim, hidden)
+    m = re.fullmatch(r"mlp(\d+)x_gelu", kind)
+    if not m:
+        raise ValueError(f"Unsupported mm_projector_type {kind!r}")
+    layers = [nn.Linear(dim, hidden)]
+    for _ in range(int(m.group(1)) - 1):
+        layers += [nn.GELU(), nn.Linear(hidden, hidden)]
+    return nn.Sequential(*layers)
+
+
+class MiniGemini(nn.Module):
+    def __init__(self, config: MGMConfig):
+        super().__init__()
+        self.config = config
+        self.llm = LLM_CLASSES[config.family](config.llm)
+        self.vision_tower = CLIPTower(config.vision, config.select_layer, config.select_feature)
+        self.vision_tower_aux = ConvNeXtTower(config.aux_depths, config.aux_dims)
+        self.mining = PatchInfoMining(config.vision.hidden_size, config.mm_hidden_size_aux)
+        self.mm_projector = build_projector(config.projector_type, config.vision.hidden_size,
+                                            config.llm.hidden_size)
+        # Set by the loader: the tokenizer, the image processor and the chat template.
+        self.tokenizer = self.processor = self.template = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.mm_projector.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.mm_projector.parameters()).dtype
+
+    # ---- vision ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, lr: torch.Tensor, hr: torch.Tensor):
+        """lr: (B, V, 3, S, S) views in model order (HD: global first, then the grid row-major);
+        hr: (B, 3, S_aux, S_aux).
+
+        Returns visual tokens (B, V*N, D) and mining weights (B, V, N, P*P).
+        """
+        b, v = lr.shape[:2]
+        clip_p = next(self.vision_tower.parameters())
+        conv_p = next(self.vision_tower_aux.parameters())
+        x = self.vision_tower(lr.flatten(0, 1).to(clip_p.device, clip_p.dtype))          # (B*V, N, C)
+        hr_map = self.vision_tower_aux(hr.to(conv_p.device, conv_p.dtype))                # (B, Ca, H, W)
+        mine_p = next(self.mining.parameters())
+        x, hr_map = x.to(mine_p.device, mine_p.dtype), hr_map.to(mine_p.device, mine_p.dtype)
+        g = self.config.image_grid
+        if g > 1:
+            c, h, w = hr_map.shape[1:]
+            crops = hr_map.reshape(b, c, g, h // g, g, w // g).permute(0, 2, 4, 1, 3, 5)
+            crops = crops.reshape(b, g * g, c, h // g, w // g)
+            maps = [crops]
+            if self.config.image_global:
+                glob = F.interpolate(hr_map.float(), scale_factor=1 / g, mode="bilinear", align_corners=False)
+                maps.insert(0, glob.to(hr_map.dtype)[:, None])
+            hr_map = torch.cat(maps, dim=1).flatten(0, 1)                                  # (B*V, Ca, h, w)
+        mined, attn = self.mining(x, hr_map)
+        proj_p = next(self.mm_projector.parameters())
+        tokens = self.mm_projector(mined.to(proj_p.device, proj_p.dtype))
+        return tokens.reshape(b, -1, tokens.shape[-1]), attn.reshape(b, v, *attn.shape[1:])
+
+    # ---- language -------------------------------------------------------------------------------
+    def embed(self, input_ids, image_tokens=()) -> torch.Tensor:
+        """Token ids with IMAGE_TOKEN_INDEX slots -> (1, L, D) embeddings, visual tokens spliced in.
+
+        `image_tokens` holds one (T, D) tensor per slot, in order.
+        """
+        embed = self.llm.get_input_embeddings()
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=embed.weight.device).flatten()
+        slots = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+        if len(slots) != len(image_tokens):
+            raise ValueError(f"The prompt has {len(slots)} image slots but {len(image_tokens)} images were given")
+        text = embed(ids.clamp(min=0))
+        parts, start = [], 0
+        for slot, feats in zip(slots, image_tokens):
+            parts += [text[start:slot], feats.to(text.device, text.dtype)]
+            start = slot + 1
+        parts.append(text[start:])
+        return torch.cat(parts)[None]
+
+    @torch.no_grad()
+    def generate(self, input_ids, image_tokens=(), *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, **kwargs) -> torch.Tensor:
+        """Decode with the LLM's own `generate` from spliced embeddings; returns the new token ids."""
+        embeds = self.embed(input_ids, image_tokens)
+        tok = self.tokenizer
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
+            dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        out = self.llm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long,
+                                                                                device=embeds.device),
+                                max_new_tokens=max_new_tokens,
+                                pad_token_id=tok.pad_token_id if tok is not None and tok.pad_token_id is not None
+                                else (tok.eos_token_id if tok is not None else None),
+                                eos_token_id=tok.eos_token_id if tok is not None else None,
+                                **sampling, **kwargs)
+        return out[0]

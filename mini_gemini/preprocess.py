@@ -1,0 +1,72 @@
+"""Image -> the two tensors MGM reads. One path for the CLI, the app, the API and training.
+
+`pad`: pad to a square with the processor's mean colour, resize to the HR side with CLIP's processor,
+then derive the LR views from that HR tensor by bilinear interpolation (so both see the same pixels).
+HD (image_grid = 2): the LR image is 2 x 2 crops of 336 plus a global 336 downscale, global first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def expand_to_square(img: Image.Image, fill) -> Image.Image:
+    """Centre the image on a square canvas (the official `pad` geometry: offset = (long - short) // 2)."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new(img.mode, (side, side), fill)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+@dataclass
+class Views:
+    lr: torch.Tensor   # (V, 3, S, S), model order
+    hr: torch.Tensor   # (3, S_aux, S_aux)
+
+
+class ImageProcessor:
+    def __init__(self, lr_size: int, hr_size: int, grid: int = 1, global_view: bool = False,
+                 mean=CLIP_MEAN, std=CLIP_STD):
+        self.lr_size, self.hr_size, self.grid = lr_size, hr_size, grid
+        self.global_view = global_view and grid > 1
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.clip = CLIPImageProcessorPil(size={"shortest_edge": hr_size},
+                                          crop_size={"height": hr_size, "width": hr_size},
+                                          image_mean=list(mean), image_std=list(std))
+
+    @classmethod
+    def from_config(cls, config) -> "ImageProcessor":
+        return cls(config.lr_size, config.image_size_aux, config.image_grid, config.image_global)
+
+    @property
+    def fill(self):
+        return tuple(int(m * 255) for m in self.mean)
+
+    def pad(self, img: Image.Image) -> Image.Image:
+        return expand_to_square(img.convert("RGB"), self.fill)
+
+    def __call__(self, img: Image.Image) -> Views:
+        hr = self.clip(self.pad(img), return_tensors="pt")["pixel_values"][0]
+        g, s = self.grid, self.lr_size
+        lr = F.interpolate(hr[None], size=(s * g, s * g), mode="bilinear", align_corners=False)
+        if g == 1:
+            return Views(lr=lr, hr=hr)
+        crops = lr.reshape(3, g, s, g, s).permute(1, 3, 0, 2, 4).reshape(g * g, 3, s, s)  # row-major
+        if self.global_view:
+            glob = F.interpolate(lr, size=(s, s), mode="bilinear", align_corners=False)
+            crops = torch.cat([glob, crops])
+        return Views(lr=crops.contiguous(), hr=hr)
+
+    def batch(self, images) -> tuple[torch.Tensor, torch.Tensor]:
+        views = [self(im) for im in images]
+        return torch.stack([v.lr for v in views]), torch.stack([v.hr for v in views])

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny checkpoints in the official layout, written once per test session."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """tiny_checkpoint(family, hd=False, seed=0) -> folder with a tiny MGM in the official layout."""
+    from mini_gemini.loading import save_pretrained
+    from mini_gemini.tiny import build_tiny
+    made = {}
+
+    def make(family: str, hd: bool = False, seed: int = 0) -> Path:
+        key = (family, hd, seed)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"mgm-{family}{'-hd' if hd else ''}-{seed}")
+            save_pretrained(build_tiny(family, hd=hd, seed=seed), out)
+            made[key] = out
+        return made[key]
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """Folder with a tiny random Stable Diffusion XL pipeline (diffusers layout)."""
+    from mini_gemini.tiny_sdxl import build_tiny_sdxl
+    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl-tiny"), seed=0)

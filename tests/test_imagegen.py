@@ -1,0 +1,186 @@
+"""Image generation: prompt extraction, a tiny random SDXL rendered on the CPU, and load errors."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may download
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mini_gemini.imagegen import (DEFAULT_SDXL, NEGATIVE_PROMPT, ImageGenError, ImageGenerator,
+                                  extract_image_prompt)
+from mini_gemini.tiny_sdxl import IMAGE_SIZE, build_tiny_sdxl
+
+
+# ------------------------------------------------------------------------------------- prompt extraction
+
+@pytest.mark.parametrize("text, expected", [
+    ("Here is a cat.", None),                                       # no tags at all
+    ("", None),
+    ("Sure! <h>   </h>", None),                                     # blank prompt
+    ("Sure! <h></h>", None),
+    ("Sure! <h> a red fox in snow </h> Enjoy.", "a red fox in snow"),
+    ("<h>first</h> then <h>second\nline</h> end", "second\nline"),  # the last pair wins; newlines kept
+    ("<h>done</h> and <h>cut off mid-sent", "done"),                # unclosed tail does not count
+    ("<h>never closed", None),
+    ("stray </h> only", None),
+    ("<h>outer <h>inner</h>", "inner"),                             # nearest opening tag before the close
+    ("<h>a <b>bold</b> cat</h>", "a <b>bold</b> cat"),              # other markup inside is kept
+    ("<h1>Title</h1> <hr> no prompt here", None),                   # look-alike HTML tags are not <h>
+])
+def test_extract_image_prompt(text, expected):
+    assert extract_image_prompt(text) == expected
+
+
+def test_negative_prompt_is_a_list_of_defects():
+    items = [s.strip() for s in NEGATIVE_PROMPT.split(",")]
+    assert len(items) >= 10 and all(items)
+    assert {"blurry", "watermark", "extra limbs", "low quality"} <= set(items)
+
+
+# ------------------------------------------------------------------------------------------- tiny SDXL
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "sdxl", seed=0)
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_sdxl_dir):
+    return ImageGenerator(str(tiny_sdxl_dir), device="cpu").load()
+
+
+def test_tiny_sdxl_layout(tiny_sdxl_dir):
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        assert (tiny_sdxl_dir / part).is_dir(), part
+    assert (tiny_sdxl_dir / "model_index.json").is_file()
+
+
+def test_lazy_and_load_progress(tiny_sdxl_dir):
+    gen = ImageGenerator(str(tiny_sdxl_dir), device="cpu")
+    assert not gen.loaded                                            # nothing until first use
+    calls = []
+    gen.load(progress=lambda f, m: calls.append(f))
+    assert gen.loaded and gen.dtype == torch.float32 and not gen.offloaded
+    assert calls[0] == 0.0 and calls[-1] == 1.0 and calls == sorted(calls)
+    assert gen.native_size() == IMAGE_SIZE
+    unet = gen._pipe.unet.config
+    assert unet.addition_embed_type == "text_time"
+    assert unet.cross_attention_dim == (gen._pipe.text_encoder.config.hidden_size
+                                        + gen._pipe.text_encoder_2.config.hidden_size)
+
+
+def test_generate_image_deterministic_with_progress(generator, tmp_path):
+    calls = []
+    img = generator.generate("a photo of a red cat", steps=3, seed=7,
+                             progress=lambda f, m: calls.append((f, m)))
+    assert isinstance(img, Image.Image) and img.mode == "RGB"
+    assert img.size == (IMAGE_SIZE, IMAGE_SIZE)
+    fractions = [f for f, _ in calls]
+    assert len(fractions) == 3 + 1                                   # one per step, then the decode
+    assert all(a < b for a, b in zip(fractions, fractions[1:])) and fractions[-1] == 1.0
+    assert generator.last_seed == 7
+
+    again = generator.generate("a photo of a red cat", steps=3, seed=7)
+    assert np.array_equal(np.asarray(img), np.asarray(again))
+    other = generator.generate("a photo of a red cat", steps=3, seed=8)
+    assert not np.array_equal(np.asarray(img), np.asarray(other))
+
+    path = tmp_path / "out.png"
+    img.save(path)
+    with Image.open(path) as loaded:
+        assert np.array_equal(np.asarray(loaded.convert("RGB")), np.asarray(img))
+
+
+def test_size_rounded_to_multiple_of_8(generator):
+    img = generator.generate("a tree", steps=2, seed=0, width=83, height=45)
+    assert img.size == (80, 48)
+
+
+def test_concurrent_generate_is_serialised(generator):
+    results, errors = [None, None], []
+
+    def work(i):
+        try:
+            results[i] = np.asarray(generator.generate("the sea at night", steps=2, seed=3))
+        except Exception as e:  # pragma: no cover - reported by the assert below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert np.array_equal(results[0], results[1])                   # interleaved steps would break this
+
+
+def test_failure_during_diffusion_is_an_imagegen_error(generator, monkeypatch):
+    with pytest.raises(ImageGenError, match="empty"):
+        generator.generate("   ")
+
+    def broken_unet(*args, **kwargs):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(generator._pipe.unet, "forward", broken_unet)
+    with pytest.raises(ImageGenError, match="simulated kernel failure"):
+        generator.generate("a cat", steps=2, seed=0)
+    monkeypatch.undo()
+    assert generator.generate("a cat", steps=2, seed=0).size == (IMAGE_SIZE, IMAGE_SIZE)  # still usable
+
+
+# ------------------------------------------------------------------------------------------ load errors
+
+@pytest.fixture
+def offline(monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_missing_folder_names_download_command(tmp_path, tiny_sdxl_dir, offline):
+    gen = ImageGenerator(str(tmp_path / "no-such-sdxl"), device="cpu")
+    with pytest.raises(ImageGenError, match=f"hf download {DEFAULT_SDXL}"):
+        gen.load()
+    assert not gen.loaded
+    gen.model = str(tiny_sdxl_dir)                                   # a failed load can be retried
+    assert gen.load().loaded
+
+
+def test_folder_without_model_index(tmp_path, offline):
+    with pytest.raises(ImageGenError, match="model_index.json"):
+        ImageGenerator(str(tmp_path), device="cpu").load()
+
+
+def test_uncached_hub_id_offline(offline):
+    gen = ImageGenerator("mini-gemini-tests/no-such-sdxl", device="cpu")
+    with pytest.raises(ImageGenError, match="hf download mini-gemini-tests/no-such-sdxl"):
+        gen.generate("a cat", steps=1)
+    assert not gen.loaded
+
+
+def test_default_model_not_cached_message_and_retry(monkeypatch, tiny_sdxl_dir):
+    # What a user without the SDXL download sees (simulated, so that a cached SDXL is never loaded here).
+    from diffusers import StableDiffusionXLPipeline
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    real = StableDiffusionXLPipeline.from_pretrained.__func__
+    fail = {"on": True}
+
+    def fake(cls, source, **kwargs):
+        if fail["on"]:
+            raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache")
+        return real(cls, str(tiny_sdxl_dir), **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "from_pretrained", classmethod(fake))
+    gen = ImageGenerator(device="cpu")
+    assert gen.model == DEFAULT_SDXL
+    with pytest.raises(ImageGenError) as info:
+        gen.load()
+    assert f"`hf download {DEFAULT_SDXL}`" in str(info.value) and "--sdxl" in str(info.value)
+    assert not gen.loaded
+    fail["on"] = False
+    assert gen.load().loaded and gen.native_size() == IMAGE_SIZE
