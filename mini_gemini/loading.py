@@ -225,12 +225,13 @@ def _device_for(name: str, plan: dict):
 
 def load_weights(model: MiniGemini, files, dtype: torch.dtype, plan: dict):
     """Stream the checkpoint's tensors into a meta-initialised model (strict, official names)."""
-    expected = set(model.state_dict())
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     tied = _tied(model)
     if tied:
-        expected.discard("llm.lm_head.weight")
-    fused: dict[str, list] = {}
-    unexpected, seen = [], set()
+        shapes.pop("llm.lm_head.weight", None)
+    expected = set(shapes)
+    fused: dict[str, set] = {}       # fused Mixtral tensor -> official expert keys filled so far
+    unexpected, wrong_shape, bad, seen = [], [], set(), set()
     for file in files:
         if not Path(file).exists():
             raise ModelLoadError(f"Missing weight shard {file}; download the checkpoint again.")
@@ -241,35 +242,53 @@ def load_weights(model: MiniGemini, files, dtype: torch.dtype, plan: dict):
             if name not in expected:
                 unexpected.append(key)
                 continue
+            want = shapes[name]
+            if slot is not None:  # one expert's gate / up / down inside the fused tensor
+                want = want[1:] if slot[1] == "down" else (want[1] // 2, want[2])
+            if tuple(t.shape) != want:
+                wrong_shape.append(f"{key} {list(t.shape)} where config.json gives {list(want)}")
+                bad.add(name)
+                continue
             device = _device_for(name, plan)
             value = t.to(dtype) if t.is_floating_point() else t
-            if slot is None:
-                set_module_tensor_to_device(model, name, device, value=value)
+            if slot is None:  # dtype given, else accelerate casts to the meta model's default fp32
+                set_module_tensor_to_device(model, name, device, value=value, dtype=value.dtype)
                 seen.add(name)
                 continue
             # Fill one expert's slice of a fused Mixtral tensor.
             expert, part = slot
             if name not in fused:
-                shape = model.get_parameter(name).shape
-                set_module_tensor_to_device(model, name, device, value=torch.empty(shape, dtype=dtype, device=device))
-                fused[name] = [0, shape[0] * (1 if name.endswith("down_proj") else 2)]
+                set_module_tensor_to_device(model, name, device, value=torch.empty(shapes[name], dtype=dtype,
+                                                                                   device=device), dtype=dtype)
+                fused[name] = set()
             p = model.get_parameter(name).data
             half = p.shape[1] // 2
             rows = {"down": slice(None), "gate": slice(0, half), "up": slice(half, None)}[part]
             p[expert, rows].copy_(value)
-            fused[name][0] += 1
-    seen |= {n for n, (got, need) in fused.items() if got == need}
-    missing = sorted(expected - seen)
-    if missing or unexpected:
+            fused[name].add(key)
+    # Report what is absent under the checkpoint's own names (for Mixtral: the absent expert slices).
+    missing = []
+    for name in sorted(expected - seen - bad):
+        keys = [k for k, _ in to_official(name, torch.empty(shapes[name], device="meta"))]
+        missing += [k for k in keys if k not in fused.get(name, ())]
+    if missing or unexpected or wrong_shape:
         def show(keys):
             return ", ".join(keys[:8]) + (f" (and {len(keys) - 8} more)" if len(keys) > 8 else "")
         parts = []
+        if wrong_shape:
+            parts.append(f"wrong shapes: {show(wrong_shape)}")
         if missing:
             parts.append(f"missing weights: {show(missing)}")
         if unexpected:
             parts.append(f"unexpected weights: {show(unexpected)}")
+        hint = ""
+        raw = model.config.raw
+        if wrong_shape and not (raw.get("mm_vision_tower_config") and raw.get("mm_vision_tower_aux_config")):
+            hint = (" config.json has no mm_vision_tower_config / mm_vision_tower_aux_config, so the towers were "
+                    "taken to be the released ones (CLIP ViT-L/14-336, OpenCLIP ConvNeXt-L); for other tower "
+                    "sizes add those two entries.")
         raise ModelLoadError("The checkpoint does not match its config.json — " + "; ".join(parts) +
-                             ". Nothing was initialised at random; check that the files are complete.")
+                             ". Nothing was initialised at random; check that the files are complete." + hint)
     if tied:
         model.llm.tie_weights()
 
@@ -305,8 +324,6 @@ def load_pretrained(name_or_path: str, *, device: str | None = None, dtype: torc
 
     device_map: None (everything on `device`), "auto" (accelerate spreads it over GPUs and CPU), or a dict.
     """
-    from transformers import AutoTokenizer
-
     from .templates import select_template
     folder = resolve(str(name_or_path), revision)
     cfg_path = folder / "config.json"
@@ -340,11 +357,25 @@ def load_pretrained(name_or_path: str, *, device: str | None = None, dtype: torc
         model.to(device)  # moves the buffers; the weights are already there
     model.eval().requires_grad_(False)
 
-    model.tokenizer = AutoTokenizer.from_pretrained(folder)
+    model.tokenizer = _load_tokenizer(folder)
     model.processor = ImageProcessor.from_config(config)
     model.template = select_template(config.raw, model.tokenizer, template)
     model.name_or_path = str(name_or_path)
     return model
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # it reads our config.json and warns that `mgm_*` is no tokenizer type
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise ModelLoadError(f"Could not load the tokenizer from {folder}: {e}. The checkpoint needs its "
+                             "tokenizer files (tokenizer.json or tokenizer.model + tokenizer_config.json).") from e
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 # ---- saving ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ prompt has an image slot (IMAGE_TOKEN_INDEX), so decoding runs the bare LLM's ow
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,12 @@ from .mining import PatchInfoMining
 
 LLM_CLASSES = {"gemma": GemmaForCausalLM, "llama": LlamaForCausalLM, "mistral": MistralForCausalLM,
                "mixtral": MixtralForCausalLM}
+
+
+class Encoded(NamedTuple):
+    tokens: torch.Tensor  # (B, V*N, D) visual tokens for the LLM
+    attn: torch.Tensor    # (B, V, N, P*P) mining weights of every LR token over its HR window
+    gain: torch.Tensor    # (B, V, N) relative change mining made to each LR token
 
 
 class CLIPTower(nn.Module):
@@ -100,7 +107,7 @@ class MiniGemini(nn.Module):
         """lr: (B, V, 3, S, S) views in model order (HD: global first, then the grid row-major);
         hr: (B, 3, S_aux, S_aux).
 
-        Returns visual tokens (B, V*N, D) and mining weights (B, V, N, P*P).
+        Returns visual tokens (B, V*N, D), mining weights (B, V, N, P*P) and mining gain (B, V, N).
         """
         b, v = lr.shape[:2]
         clip_p = next(self.vision_tower.parameters())
@@ -120,9 +127,12 @@ class MiniGemini(nn.Module):
                 maps.insert(0, glob.to(hr_map.dtype)[:, None])
             hr_map = torch.cat(maps, dim=1).flatten(0, 1)                                  # (B*V, Ca, h, w)
         mined, attn = self.mining(x, hr_map)
+        # How much HR detail each LR token took in: |mined - x| / |x| (the heatmaps' "mining gain").
+        gain = (mined - x).float().norm(dim=-1) / x.float().norm(dim=-1).clamp_min(1e-6)
         proj_p = next(self.mm_projector.parameters())
         tokens = self.mm_projector(mined.to(proj_p.device, proj_p.dtype))
-        return tokens.reshape(b, -1, tokens.shape[-1]), attn.reshape(b, v, *attn.shape[1:])
+        return Encoded(tokens.reshape(b, -1, tokens.shape[-1]), attn.reshape(b, v, *attn.shape[1:]),
+                       gain.reshape(b, v, -1))
 
     # ---- language -------------------------------------------------------------------------------
     def embed(self, input_ids, image_tokens=()) -> torch.Tensor:
@@ -136,9 +146,14 @@ class MiniGemini(nn.Module):
         if len(slots) != len(image_tokens):
             raise ValueError(f"The prompt has {len(slots)} image slots but {len(image_tokens)} images were given")
         text = embed(ids.clamp(min=0))
+        # Gemma: the transformers-4 model the checkpoints were tuned with multiplied every input embedding,
+        # visual tokens included, by sqrt(hidden); transformers 5 moved that factor into the token
+        # embedding (`embed_scale`), so the visual tokens must get it here.
+        scale = getattr(embed, "embed_scale", None)
         parts, start = [], 0
         for slot, feats in zip(slots, image_tokens):
-            parts += [text[start:slot], feats.to(text.device, text.dtype)]
+            feats = feats.to(text.device, text.dtype)
+            parts += [text[start:slot], feats * torch.as_tensor(scale).to(feats) if scale is not None else feats]
             start = slot + 1
         parts.append(text[start:])
         return torch.cat(parts)[None]

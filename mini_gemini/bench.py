@@ -1,0 +1,244 @@
+"""Speed and memory, measured side by side in one run and reported as ratios.
+
+    python -m mini_gemini.bench [--json] [--skip-load] [--load-only] [--workdir DIR]
+
+- load_memory_ratio: peak memory of loading a random checkpoint with MGM-2B's true shapes (bf16)
+  ÷ its file size (goal <= 1.2). Measured in a fresh process: peak RSS minus the RSS before loading.
+- decode_ratio: the VLM's decode tokens/s ÷ the bare LLM's, same weights and context length (goal >= 0.95).
+- followup_ttft_ratio: time to first token of a follow-up on the same image ÷ the first turn's
+  (goal <= 0.25; re-encoding and re-prefilling, as the official demo does, gives about 1.0).
+- mining_overhead: image encoding with the mining maps kept ÷ without (goal <= 1.03).
+The speed model is built on the fly, large enough for CPU timings to mean something.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _best(fn, repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+# ---- loading memory -------------------------------------------------------------------------------
+def mgm_2b_config() -> dict:
+    """MGM-2B's config.json fields that fix its shapes (Gemma-2B + CLIP-L/336 + ConvNeXt-L at 768)."""
+    from transformers import GemmaConfig
+
+    from .config import DEFAULT_VISION_TOWER, DEFAULT_VISION_TOWER_AUX
+    cfg = GemmaConfig(vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
+                      num_attention_heads=8, num_key_value_heads=1, head_dim=256, max_position_embeddings=8192,
+                      tie_word_embeddings=True).to_dict()
+    cfg.update(model_type="mgm_gemma", architectures=["MGMGemmaForCausalLM"], mm_vision_tower=DEFAULT_VISION_TOWER,
+               mm_vision_tower_aux=DEFAULT_VISION_TOWER_AUX, mm_projector_type="mlp2x_gelu", mm_hidden_size=1024,
+               mm_hidden_size_aux=2880, mm_vision_select_layer=-2, mm_vision_select_feature="patch",
+               image_size_aux=768, image_grid=1, image_global=False, image_aspect_ratio="pad",
+               mm_use_im_start_end=False, mm_use_im_patch_token=False)
+    return cfg
+
+
+def write_random_checkpoint(out: Path, cfg: dict, dtype=torch.bfloat16, shard_bytes: int = 2 << 30) -> int:
+    """Write a random checkpoint of `cfg`'s shapes without ever holding all of it in memory."""
+    from accelerate import init_empty_weights
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    from .config import MGMConfig
+    from .loading import official_state_dict
+    from .model import MiniGemini
+    from .tiny_tokenizer import build_tokenizer
+    out.mkdir(parents=True, exist_ok=True)
+    with init_empty_weights():
+        model = MiniGemini(MGMConfig.from_dict(cfg))
+    meta = official_state_dict(model)  # names and shapes only (meta tensors)
+    split = split_torch_state_dict_into_shards({k: v.to(dtype) for k, v in meta.items()},
+                                               filename_pattern="model{suffix}.safetensors", max_shard_size=shard_bytes)
+    gen = torch.Generator().manual_seed(0)
+    total = 0
+    for filename, keys in split.filename_to_tensors.items():
+        shard = {k: (torch.randn(meta[k].shape, generator=gen) * 0.02).to(dtype) for k in keys}
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+        save_file(shard, out / filename, metadata={"format": "pt"})
+        del shard
+    if split.is_sharded:
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename}))
+    (out / "config.json").write_text(json.dumps(dict(cfg, torch_dtype="bfloat16"), default=str))
+    build_tokenizer("gemma").save_pretrained(out)  # a stand-in tokenizer: shapes are what matters here
+    return total
+
+
+_MEASURE = r"""
+import json, sys, threading, time, torch
+from mini_gemini.loading import load_pretrained
+def rss():
+    with open('/proc/self/status') as f:
+        return {l.split(':')[0]: int(l.split()[1]) * 1024 for l in f if l.startswith(('VmRSS', 'VmHWM'))}
+base = rss()['VmRSS']
+t = time.perf_counter()
+model = load_pretrained(sys.argv[1], device='cpu', dtype=torch.bfloat16)
+took = time.perf_counter() - t
+params = sum(p.numel() * p.element_size() for p in model.parameters())
+print(json.dumps({'base': base, 'peak': rss()['VmHWM'], 'params_bytes': params, 'seconds': took}))
+"""
+
+
+def bench_load_memory(workdir: Path) -> dict:
+    ckpt = workdir / "mgm-2b-random-bf16"
+    if not (ckpt / "config.json").exists():
+        print("writing a random MGM-2B-shaped checkpoint (bf16, ~6 GB)…", file=sys.stderr)
+        write_random_checkpoint(ckpt, mgm_2b_config())
+    size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(ckpt)], capture_output=True, text=True, cwd=root,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"load_memory_ratio": round((m["peak"] - m["base"]) / size, 3), "checkpoint_gb": round(size / 1e9, 2),
+            "load_peak_gb": round((m["peak"] - m["base"]) / 1e9, 2), "load_seconds": round(m["seconds"], 1)}
+
+
+# ---- speed ----------------------------------------------------------------------------------------
+def speed_model():
+    """A CPU-sized MGM: real CLIP/ConvNeXt/Llama classes, 336/768 px inputs, a 512-wide 6-layer LLM."""
+    from .tiny import build_tiny
+    return build_tiny("vicuna", clip=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                          num_attention_heads=4, image_size=336, patch_size=14),
+                      convnext=dict(depths=[1, 1, 3, 1], dims=[48, 96, 192, 384]), image_size_aux=768,
+                      hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
+                      num_key_value_heads=8)
+
+
+def bench_speed(new_tokens: int = 48) -> dict:
+    import numpy as np
+    from PIL import Image
+
+    from .engine import Engine, GenOptions
+    torch.manual_seed(0)
+    model = speed_model()
+    engine = Engine(model)
+    img = Image.fromarray((np.random.RandomState(0).rand(480, 640, 3) * 255).astype("uint8"))
+    greedy = dict(temperature=0.0)
+
+    # mining overhead: the encoder with maps kept (what the engine runs) vs a pass that drops them
+    views = model.processor(img)
+    lr, hr = views.lr[None], views.hr[None]
+
+    def without_maps():
+        with torch.no_grad():
+            x = model.vision_tower(lr.flatten(0, 1))
+            mined, _ = model.mining(x, model.vision_tower_aux(hr))
+            model.mm_projector(mined)
+
+    def with_maps():
+        enc = model.encode_images(lr, hr)
+        enc.attn.float().cpu(), enc.gain.cpu()
+    t_with, t_without = _interleaved(with_maps, without_maps, 7)
+
+    # time to first token: first turn (encode + full prefill) vs follow-up (cached image and KV)
+    def first_turn():
+        s = engine.session()
+        list(s.chat("Describe the image.", [img], options=GenOptions(max_new_tokens=1, **greedy)))
+        return s
+    def followup(s):
+        list(s.chat("And what colour is it?", options=GenOptions(max_new_tokens=1, **greedy)))
+    first_turn()
+    t_first = _best(first_turn)
+    sessions = [first_turn() for _ in range(3)]
+    t_follow = min(_time(lambda s=s: followup(s)) for s in sessions)
+
+    # decode speed: VLM through the engine vs the bare LLM's generate, same context length. A hook on the
+    # LLM's forward stamps every decode step, so the rate spans the whole loop (streamer, stopping checks,
+    # logits processing) but not the prefill or the image encoding.
+    s = first_turn()
+    context = s.kv[0].get_seq_length() if s.kv else 600
+    ids = torch.randint(10, model.config.llm.vocab_size - 10, (1, context))
+    stamps = []
+
+    def stamp(module, args, kwargs):
+        x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if x is not None and x.shape[1] == 1:
+            stamps.append(time.perf_counter())
+    hook = model.llm.register_forward_pre_hook(stamp, with_kwargs=True)
+
+    def rate(run):
+        stamps.clear()
+        run()
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+    def bare():
+        with torch.no_grad():
+            model.llm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+    def vlm():
+        sess = engine.session()
+        list(sess.chat("Describe the image.", [img], options=GenOptions(max_new_tokens=new_tokens, **greedy)))
+        engine.end_session(sess.id)
+    engine.stop_ids = []  # no early stop: both run the full length
+    model.llm.generation_config.eos_token_id = None
+    rates_bare, rates_vlm = [], []
+    for _ in range(5):  # alternate, so that both see the same machine load
+        rates_bare.append(rate(bare))
+        rates_vlm.append(rate(vlm))
+    hook.remove()
+    bare_rate, vlm_rate = sorted(rates_bare)[2], sorted(rates_vlm)[2]
+    return {"decode_ratio": round(vlm_rate / bare_rate, 3), "bare_llm_tok_s": round(bare_rate, 1),
+            "vlm_tok_s": round(vlm_rate, 1), "followup_ttft_ratio": round(t_follow / t_first, 3),
+            "first_ttft_s": round(t_first, 3), "followup_ttft_s": round(t_follow, 3),
+            "mining_overhead": round(t_with / t_without, 3), "context_tokens": context,
+            "threads": torch.get_num_threads()}
+
+
+def _interleaved(a, b, repeat: int) -> tuple[float, float]:
+    """Best times of `a` and `b`, run alternately so that both see the same machine load."""
+    a(), b()  # warm-up
+    ta, tb = [], []
+    for _ in range(repeat):
+        ta.append(_time(a))
+        tb.append(_time(b))
+    return min(ta), min(tb)
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
+    ap.add_argument("--skip-load", action="store_true", help="skip the MGM-2B loading-memory measurement")
+    ap.add_argument("--load-only", action="store_true")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mgm-bench"))
+    args = ap.parse_args(argv)
+    results = {}
+    if not args.load_only:
+        results.update(bench_speed())
+    if not args.skip_load:
+        results.update(bench_load_memory(Path(args.workdir)))
+    goals = {"load_memory_ratio": "<= 1.2", "decode_ratio": ">= 0.95", "followup_ttft_ratio": "<= 0.25",
+             "mining_overhead": "<= 1.03"}
+    for k, v in results.items():
+        print(f"{k:>22}: {v}" + (f"   (goal {goals[k]})" if k in goals else ""))
+    if args.json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""Chat engine on tiny models: multi-turn results equal a fresh prompt (the caches only change speed),
+streaming, cancel, undo / regenerate, context overflow and image generation."""
+import io
+import threading
+
+import pytest
+import torch
+from PIL import Image
+
+from mini_gemini.constants import IMAGE_TOKEN_INDEX
+from mini_gemini.engine import Engine, GenOptions
+from mini_gemini.loading import load_pretrained
+from mini_gemini.templates import Turn as PromptTurn
+from mini_gemini.templates import build_prompt, tokenize
+from mini_gemini.tiny import build_tiny
+
+GREEDY = GenOptions(temperature=0.0, max_new_tokens=8)
+RED, BLUE = Image.new("RGB", (40, 24), (220, 30, 30)), Image.new("RGB", (20, 36), (30, 30, 220))
+
+
+# ---- helpers ------------------------------------------------------------------------------------------
+def run(session, *args, **kw):
+    """All events of one turn, plus the finished Turn (or None)."""
+    events = list(session.chat(*args, **kw))
+    done = [e.data for e in events if e.kind == "done"]
+    return events, (done[0] if done else None)
+
+
+def kinds(events, kind):
+    return [e for e in events if e.kind == kind]
+
+
+def reference(model, turns, max_new):
+    """Greedy answer from a prompt built from scratch: no engine, no KV cache, images encoded afresh.
+
+    turns: [(user, [PIL images], assistant or None)]."""
+    prompt = build_prompt(model.template, [PromptTurn(u, len(ims), a) for u, ims, a in turns])
+    ids = tokenize(prompt, model.tokenizer)
+    feats = []
+    for _, ims, _ in turns:
+        for im in ims:
+            v = model.processor(im)
+            feats.append(model.encode_images(v.lr[None], v.hr[None])[0][0])
+    stop_ids, _ = Engine._stops(model.tokenizer, model.template.stop_strings)
+    with torch.no_grad():
+        emb = model.embed(ids, feats)
+        out = model.llm.generate(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long),
+                                 max_new_tokens=max_new, do_sample=False, temperature=None, top_p=None, top_k=None,
+                                 eos_token_id=stop_ids, pad_token_id=model.tokenizer.pad_token_id)
+    new = out[0].tolist()
+    while new and new[-1] in stop_ids:
+        new.pop()
+    return new
+
+
+def prefill_counter(model):
+    """Counts the positions each generate call prefills (the first forward, the one with inputs_embeds)."""
+    counts = []
+
+    def hook(module, args, kwargs):
+        emb = kwargs.get("inputs_embeds")
+        if emb is not None:
+            counts.append(emb.shape[1])
+    return counts, model.llm.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def no_eos(monkeypatch, model):
+    """Make the model unable to end its answer, so that it runs until max_new_tokens."""
+    real = model.llm.generate
+    stop_ids, _ = Engine._stops(model.tokenizer, model.template.stop_strings)
+
+    def generate(*args, **kw):
+        kw["suppress_tokens"] = sorted(set(kw.get("suppress_tokens") or []) | set(stop_ids))
+        return real(*args, **kw)
+    monkeypatch.setattr(model.llm, "generate", generate)
+
+
+def scripted(monkeypatch, model, *texts):
+    """Replace the LLM's generate by one that 'writes' texts[0], then texts[1], ... (streamed like the real
+    one, without looking at stopping criteria)."""
+    calls = []
+
+    def generate(**kw):
+        ids = model.tokenizer(texts[len(calls)], add_special_tokens=False).input_ids
+        calls.append(kw)
+        kw["streamer"].put(torch.zeros(1, 0, dtype=torch.long))
+        for i in ids:
+            kw["streamer"].put(torch.tensor([i]))
+        kw["streamer"].end()
+        return torch.tensor([ids])
+    monkeypatch.setattr(model.llm, "generate", generate)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def vicuna(tiny_checkpoint):
+    return load_pretrained(str(tiny_checkpoint("vicuna")), device="cpu")
+
+
+# ---- multi-turn = fresh prompt, caches reused ---------------------------------------------------------
+@pytest.mark.parametrize("family, hd", [("vicuna", False), ("llama3", True)])
+def test_multi_turn_equals_fresh_prompt_and_reuses_caches(tiny_checkpoint, family, hd):
+    model = load_pretrained(str(tiny_checkpoint(family, hd=hd)), device="cpu")
+    encodes = []
+    real_encode = model.encode_images
+    model.encode_images = lambda *a: encodes.append(1) or real_encode(*a)
+    counts, handle = prefill_counter(model)
+    try:
+        s = Engine(model).session("s")
+        history, engine_encodes = [], 0
+        plan = [("What is in the first image?", [RED]), ("And what about this second one?", [BLUE]),
+                ("Compare the two images.", []), ("Look at the red one again.", [RED])]
+        for k, (text, images) in enumerate(plan):
+            counts.clear()
+            before = len(encodes)
+            events, turn = run(s, text, images, options=GREEDY)
+            prefilled, engine_encodes = list(counts), engine_encodes + len(encodes) - before
+            assert turn is not None and not kinds(events, "error")
+            history.append((text, images, None))
+            assert turn.token_ids == reference(model, history, GREEDY.max_new_tokens), f"turn {k}"
+            history[-1] = (text, images, turn.assistant)
+            assert "".join(e.text for e in kinds(events, "delta")) == turn.assistant
+            # the engine's own ids: one slot per image in view, numbered as the official CLI does
+            n_images = sum(len(ims) for _, ims, _ in history)
+            assert turn.prompt_ids.count(IMAGE_TOKEN_INDEX) == n_images
+            assert (f"Image {n_images}:" in turn.prompt) == (n_images >= 2)
+            # prefill covers exactly what the cache did not hold
+            length = len(turn.prompt_ids) + n_images * (Engine(model).tokens_per_image - 1)
+            assert prefilled == [length - turn.cached_tokens]
+            if k == 2:  # a text-only follow-up prefills only its new tokens: the whole last prompt is reused
+                assert turn.cached_tokens >= prev_length
+            prev_length = length
+        assert "What is in the first image?" in s.turns[-1].prompt  # new images never reset the chat
+        assert engine_encodes == 2  # the red picture given twice was encoded once
+    finally:
+        handle.remove()
+
+
+def test_sampling_is_reproducible_with_a_seed(vicuna):
+    opts = GenOptions(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=123)
+    eng = Engine(vicuna)
+    a = run(eng.session("a"), "Describe a square.", options=opts)[1]
+    b = run(eng.session("b"), "Describe a square.", options=opts)[1]
+    greedy = run(eng.session("c"), "Describe a square.", options=GenOptions(temperature=0, max_new_tokens=12))[1]
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != greedy.token_ids  # sampling really sampled
+    assert len(run(eng.session("d"), "Describe a square.",
+                   options=GenOptions(temperature=0, max_new_tokens=3))[1].token_ids) <= 3
+
+
+def test_text_stop_strings_end_and_trim_the_answer(vicuna, monkeypatch):
+    eng = Engine(vicuna)
+    eng.stop_texts = ("###",)  # a stop string that is not one token: matched on the decoded text
+    scripted(monkeypatch, vicuna, "Hello there ###USER: more text")
+    events, turn = run(eng.session(), "hi", options=GenOptions(temperature=0, max_new_tokens=64))
+    assert turn.assistant == "Hello there"
+    assert "".join(e.text for e in kinds(events, "delta")) == "Hello there"  # the stop text never streams
+    assert "###" in vicuna.tokenizer.decode(turn.token_ids) and "more" not in vicuna.tokenizer.decode(turn.token_ids)
+
+
+# ---- cancel, undo, regenerate ---------------------------------------------------------------------------
+def test_cancel_from_another_thread_keeps_the_partial_answer(vicuna, monkeypatch):
+    no_eos(monkeypatch, vicuna)
+    s = Engine(vicuna).session()
+    first_delta = threading.Event()
+    threading.Thread(target=lambda: first_delta.wait(30) and s.cancel(), daemon=True).start()
+    events = []
+    for ev in s.chat("Tell me a long story.", options=GenOptions(temperature=0, max_new_tokens=400)):
+        events.append(ev)
+        if ev.kind == "delta":
+            first_delta.set()
+    turn = kinds(events, "done")[0].data
+    assert turn.cancelled and "stopped" in turn.notes
+    assert 0 < len(turn.token_ids) < 400
+    assert turn.assistant and "".join(e.text for e in kinds(events, "delta")) == turn.assistant
+    assert any("Stopped" in e.text for e in kinds(events, "notice"))
+    assert not [t for t in threading.enumerate() if t.name.startswith("mgm-generate")]
+    nxt = run(s, "Go on.", options=GenOptions(temperature=0, max_new_tokens=3))[1]
+    assert nxt is not None and not nxt.cancelled and turn.assistant in nxt.prompt  # partial answer is history
+
+
+def test_undo_and_regenerate(vicuna):
+    s = Engine(vicuna).session()
+    run(s, "What colour is the square?", [RED], options=GREEDY)
+    second = run(s, "How many shapes are there?", options=GREEDY)[1]
+    assert s.undo() is second and len(s.turns) == 1
+    again = run(s, "How many shapes are there?", options=GREEDY)[1]
+    assert again.token_ids == second.token_ids  # the cache was cut back correctly
+    events = list(s.regenerate(GREEDY))
+    regen = kinds(events, "done")[0].data
+    assert regen is again and len(s.turns) == 2 and regen.token_ids == second.token_ids
+    assert regen.cached_tokens > 0  # its prompt was still in the cache
+    sampled = GenOptions(temperature=1.0, max_new_tokens=8, seed=5)
+    first = list(kinds(list(s.regenerate(sampled)), "done")[0].data.token_ids)
+    assert kinds(list(s.regenerate(sampled)), "done")[0].data.token_ids == first
+    s.undo()
+    s.undo()
+    assert s.undo() is None and s.turns == []
+    assert list(s.regenerate()) == []  # nothing to regenerate
+    run(s, "Hello", options=GREEDY)
+    s.clear()
+    assert s.turns == [] and s.kv is None
+
+
+# ---- context overflow -----------------------------------------------------------------------------------
+def test_context_overflow_drops_oldest_turns_with_a_notice():
+    model = build_tiny("vicuna", context=256)
+    eng = Engine(model)
+    s = eng.session()
+    opts = GenOptions(temperature=0, max_new_tokens=16)
+    texts = [f"Turn {w}: what colour is the {w} square in this picture, and which one is bigger?"
+             for w in ("zero", "one", "two", "three", "four", "five", "six", "seven")]
+    dropped_at = None
+    for k, text in enumerate(texts):
+        events, turn = run(s, text, [RED] if k == 0 else [], options=opts)
+        assert turn is not None, [e.text for e in events]
+        kept = s.turns[s.dropped:]
+        n_images = sum(len(t.images) for t in kept)
+        length = len(turn.prompt_ids) + n_images * (eng.tokens_per_image - 1)
+        assert length + len(turn.token_ids) <= 256
+        assert turn.prompt.startswith("A chat between a curious user")  # the system part always stays
+        assert turn.prompt.count("<image>") == turn.prompt_ids.count(IMAGE_TOKEN_INDEX) == n_images
+        if any("outgrew" in e.text for e in kinds(events, "notice")):
+            dropped_at = dropped_at if dropped_at is not None else k
+            assert texts[0] not in turn.prompt
+        hist = [(t.user, [RED] * len(t.images), t.assistant) for t in kept[:-1]]
+        hist.append((text, [RED] * len(turn.images), None))
+        assert turn.token_ids == reference(model, hist, 16)
+        if dropped_at is not None and k == dropped_at + 1:  # dropped with slack: the next turn reuses the cache
+            assert turn.cached_tokens > len(turn.prompt_ids) // 2
+    assert dropped_at is not None and s.dropped > 0 and len(s.turns) == len(texts)
+
+
+# ---- image generation ------------------------------------------------------------------------------------
+def test_forced_h_prompt_renders_a_png_with_tiny_sdxl(vicuna, tiny_sdxl, tmp_path):
+    from mini_gemini.imagegen import ImageGenerator, extract_image_prompt
+    eng = Engine(vicuna, ImageGenerator(str(tiny_sdxl), device="cpu"))
+    opts = GenOptions(temperature=0, max_new_tokens=6, steps=2, image_seed=0)
+    events, turn = run(eng.session(), "Please generate an image of a cat.", generate_image=True, options=opts)
+    assert " <GEN>" in turn.prompt
+    assert turn.image_prompt and turn.image_prompt.strip()
+    # the LLM wrote it after a forced <h>, and it is part of the answer
+    assert turn.assistant.endswith("</h>") and extract_image_prompt(turn.assistant) == turn.image_prompt
+    assert "".join(e.text for e in kinds(events, "delta")) == turn.assistant
+    assert kinds(events, "progress") and not kinds(events, "error")
+    (image_event,) = kinds(events, "image")
+    assert image_event.text == turn.image_prompt and turn.generated_image is image_event.data
+    buf = io.BytesIO()
+    image_event.data.save(buf, "PNG")
+    assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(buf).size == (64, 64)
+
+
+class FakeImageGenerator:
+    def __init__(self):
+        self.prompts = []
+
+    def generate(self, prompt, progress=None, **kw):
+        self.prompts.append(prompt)
+        progress(0.5, "half")
+        return Image.new("RGB", (8, 8))
+
+
+def test_model_written_h_prompt_is_used(vicuna, monkeypatch):
+    gen = FakeImageGenerator()
+    calls = scripted(monkeypatch, vicuna, "Sure! <h>a red cat on a mat</h>")
+    events, turn = run(Engine(vicuna, gen).session(), "Draw a cat", generate_image=True, options=GREEDY)
+    assert gen.prompts == ["a red cat on a mat"] and turn.image_prompt == "a red cat on a mat"
+    assert len(calls) == 1  # no continuation needed
+    assert kinds(events, "image") and any(e.data == 0.5 for e in kinds(events, "progress"))
+
+
+def test_unclosed_h_prompt_is_continued_by_the_model(vicuna, monkeypatch):
+    gen = FakeImageGenerator()
+    calls = scripted(monkeypatch, vicuna, "Sure! <h>a red", " cat on a mat</h> and more words")
+    events, turn = run(Engine(vicuna, gen).session(), "Draw a cat", generate_image=True,
+                       options=GenOptions(temperature=0, max_new_tokens=64))
+    assert gen.prompts == ["a red cat on a mat"] and turn.assistant == "Sure! <h>a red cat on a mat</h>"
+    assert "".join(e.text for e in kinds(events, "delta")) == turn.assistant
+    # the continuation started from the answer as written (no second <h>), with special tokens banned
+    assert calls[1]["inputs_embeds"].shape[1] == calls[0]["inputs_embeds"].shape[1] + len(turn.token_ids) - len(
+        vicuna.tokenizer(" cat on a mat</h>", add_special_tokens=False).input_ids)
+    assert set(calls[1]["suppress_tokens"]) >= set(vicuna.tokenizer.all_special_ids)
+
+
+def test_diffusion_failure_or_missing_pipeline_keeps_the_text_answer(vicuna, tmp_path):
+    from mini_gemini.imagegen import ImageGenerator
+
+    class Broken:
+        def generate(self, prompt, **kw):
+            raise RuntimeError("CUDA error: device-side assert")
+    for gen, note in [(ImageGenerator(str(tmp_path / "no-sdxl"), device="cpu"), "does not exist"),
+                      (Broken(), "device-side assert"), (None, "not available")]:
+        events, turn = run(Engine(vicuna, gen).session(), "Draw a dog.", generate_image=True, options=GREEDY)
+        assert turn is not None and not kinds(events, "error") and not kinds(events, "image")
+        assert turn.assistant is not None and turn.image_prompt
+        assert any(note in n for n in turn.notes) and any(note in e.text for e in kinds(events, "notice"))
+        assert "text answer is kept" in turn.notes[-1]
+    s = Engine(vicuna, Broken()).session()
+    half_transparent = Image.new("RGBA", (8, 8), (255, 0, 0, 128))
+    run(s, "Draw a dog.", [half_transparent], generate_image=True, options=GREEDY)
+    regen = [e.data for e in s.regenerate(GREEDY) if e.kind == "done"][0]
+    assert sum("device-side assert" in n for n in regen.notes) == 1  # notes of the old answer are gone
+    assert regen.notes[0] == "Image 1: transparency composited on white."  # notes of the message stay

@@ -1,0 +1,308 @@
+"""The engine under hostile input and faults: bad files, typed control tokens, huge or odd text, injected
+errors and out-of-memory, consumers that leave mid-stream, concurrency, and bounded caches."""
+import collections
+import gc
+import threading
+import time
+import weakref
+
+import pytest
+import torch
+from PIL import Image
+
+from corpus import EXPECT, make_corpus
+from mini_gemini import engine as engine_mod
+from mini_gemini.constants import IMAGE_TOKEN_INDEX
+from mini_gemini.engine import MAX_USER_CHARS, Engine, GenOptions
+from mini_gemini.loading import load_pretrained
+
+GREEDY = GenOptions(temperature=0.0, max_new_tokens=6)
+SHORT = GenOptions(temperature=0.0, max_new_tokens=2)
+TYPED = ["<image>", "<start_of_turn>", "<end_of_turn>", "</s>", "<s>", "<eos>", "<bos>", "<|eot_id|>",
+         "<|begin_of_text|>", "<|start_header_id|>", "[INST]", "[/INST]", "<|im_end|>", "<|im_start|>",
+         "USER:", "ASSISTANT:", "<GEN>", "<h>", "</h>"]
+
+
+@pytest.fixture(scope="module")
+def vicuna(tiny_checkpoint):
+    return load_pretrained(str(tiny_checkpoint("vicuna")), device="cpu")
+
+
+def run(session, *args, **kw):
+    events = list(session.chat(*args, **kw))
+    done = [e.data for e in events if e.kind == "done"]
+    return events, (done[0] if done else None)
+
+
+def kinds(events, kind):
+    return [e for e in events if e.kind == kind]
+
+
+def no_eos(monkeypatch, model):
+    """Make the model unable to end its answer, so that it runs until max_new_tokens."""
+    real = model.llm.generate
+    stop_ids, _ = Engine._stops(model.tokenizer, model.template.stop_strings)
+
+    def generate(*args, **kw):
+        kw["suppress_tokens"] = sorted(set(kw.get("suppress_tokens") or []) | set(stop_ids))
+        return real(*args, **kw)
+    monkeypatch.setattr(model.llm, "generate", generate)
+
+
+def generating_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("mgm-generate") and t.is_alive()]
+
+
+# ---- bad files -------------------------------------------------------------------------------------------
+def test_every_corpus_file_gives_a_clear_message_or_an_image(vicuna, tmp_path):
+    eng = Engine(vicuna)
+    s = eng.session()
+    first = run(s, "Hello!", options=GREEDY)[1]
+    for name, path in make_corpus(tmp_path).items():
+        exp = EXPECT[name]
+        events, turn = run(s, "What is in this picture?", [path], options=SHORT)
+        if exp.loads:
+            assert turn is not None and not kinds(events, "error"), name
+            assert len(turn.images) == 1 and turn.images[0].image.size == exp.size, name
+            notices = " ".join(e.text for e in kinds(events, "notice"))
+            assert all(note in notices for note in exp.notes), (name, notices)
+            assert s.undo() is turn
+        else:
+            (err,) = kinds(events, "error")
+            assert exp.message.lower() in err.text.lower() and err.data == exp.error, (name, err)
+            assert turn is None and not kinds(events, "delta"), name
+        assert s.turns == [first] and first.assistant is not None  # history kept either way
+    # a failed image among good ones refuses the whole turn and says which one
+    paths = make_corpus(tmp_path / "again")
+    events, turn = run(s, "Compare", [paths["grey.png"], paths["truncated.png"]], options=SHORT)
+    assert turn is None and kinds(events, "error")[0].text.startswith("Image 2 of 2:")
+    # the next turn works, and answers as if nothing had happened
+    nxt = run(s, "Thanks!", options=GREEDY)[1]
+    fresh = eng.session()
+    run(fresh, "Hello!", options=GREEDY)
+    assert nxt.token_ids == run(fresh, "Thanks!", options=GREEDY)[1].token_ids
+
+
+def test_empty_message_without_image_does_nothing(vicuna):
+    s = Engine(vicuna).session()
+    for text in ("", "   \n\t ", "\x00\x01\x1b"):
+        assert list(s.chat(text)) == [] and list(s.chat(text, [])) == [] and list(s.chat(text, None)) == []
+    assert s.turns == []
+    events, turn = run(s, "", [Image.new("RGB", (8, 8), (9, 9, 9))], options=SHORT)  # an image alone is a turn
+    assert turn is not None and turn.user == ""
+
+
+def test_image_limits_refuse_the_turn_and_keep_the_history(vicuna):
+    eng = Engine(vicuna, images_per_session=2)
+    s = eng.session()
+    first = run(s, "One", [Image.new("RGB", (8, 8), (1, 1, 1)), Image.new("RGB", (8, 8), (2, 2, 2))], options=SHORT)[1]
+    events, turn = run(s, "Two", [Image.new("RGB", (8, 8), (3, 3, 3))], options=SHORT)
+    assert turn is None and kinds(events, "error")[0].data == "too_many" and s.turns == [first]
+    small = Engine(vicuna, max_context=40)  # three images of 16 tokens each cannot fit in 40
+    events, turn = run(small.session(), "Two", [Image.new("RGB", (8, 8), (3, 3, 3))] * 3, options=SHORT)
+    assert turn is None and "context" in kinds(events, "error")[0].text
+
+
+# ---- typed control tokens ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["vicuna", "gemma", "llama3", "yi", "mistral"])
+def test_typed_control_tokens_are_text(tiny_checkpoint, family):
+    model = load_pretrained(str(tiny_checkpoint(family)), device="cpu")
+    tok = model.tokenizer
+    control = set(tok.all_special_ids) | set(tok.get_added_vocab().values())
+
+    def specials(ids):
+        return collections.Counter(i for i in ids if i in control or i == IMAGE_TOKEN_INDEX)
+
+    drawn = []
+
+    class Recorder:
+        def generate(self, prompt, **kw):
+            drawn.append(prompt)
+            return Image.new("RGB", (8, 8))
+
+    eng = Engine(model, Recorder())
+    hostile = "look " + " x ".join(TYPED) + " <h>a cat</h> <GEN>"
+    img = Image.new("RGB", (30, 20), (0, 200, 0))
+    for images in ([], [img]):
+        benign = run(eng.session(), "look", images, options=SHORT)[1]
+        events, turn = run(eng.session(), hostile, images, options=SHORT)
+        assert turn is not None and not kinds(events, "error")
+        assert turn.user == hostile and hostile in turn.prompt
+        # the same structure tokens as a harmless message: nothing the user typed became a special id or a slot
+        assert specials(turn.prompt_ids) == specials(benign.prompt_ids)
+        assert turn.prompt_ids.count(IMAGE_TOKEN_INDEX) == len(images)
+        # typed <GEN> / <h> with the flag off never draw
+        assert not kinds(events, "image") and not kinds(events, "progress") and turn.image_prompt is None
+    assert drawn == []
+    # an answer holding such strings stays text in the next prompt too
+    s = eng.session()
+    run(s, "look", options=SHORT)
+    s.turns[-1].assistant = hostile
+    s2 = eng.session()
+    run(s2, "look", options=SHORT)
+    s2.turns[-1].assistant = "fine"
+    a, b = run(s, "and?", options=SHORT)[1], run(s2, "and?", options=SHORT)[1]
+    assert specials(a.prompt_ids) == specials(b.prompt_ids) and drawn == []
+
+
+# ---- odd text ----------------------------------------------------------------------------------------------
+def test_huge_message_is_trimmed_with_a_notice_and_answered(vicuna):
+    eng = Engine(vicuna)
+    text = ("The red square is left of the blue circle. " * 5000)[:200_000]
+    events, turn = run(eng.session(), text, options=GREEDY)
+    notices = [e.text for e in kinds(events, "notice")]
+    assert any(f"{MAX_USER_CHARS:,}" in n for n in notices) and any("shortened" in n for n in notices)
+    assert turn is not None and not kinds(events, "error") and turn.assistant is not None
+    assert text.startswith(turn.user) and 0 < len(turn.user) < MAX_USER_CHARS
+    assert len(turn.prompt_ids) + len(turn.token_ids) <= eng.max_context
+
+
+def test_control_characters_removed_scripts_and_emoji_survive(vicuna):
+    s = Engine(vicuna).session()
+    turn = run(s, "a\x00b\x07c\x1b[0m\u200bd\r\ne\x7f\x85f\rg\ud800", options=SHORT)[1]
+    assert turn.user == "abc[0m\u200bd\nef\ng"  # zero-width space (format) stays, C0/C1 and surrogates go
+    msg = "שלום עולם — مرحبا بالعالم \u200f 👋🏽 👨\u200d👩\u200d👧 🇫🇷 ok"
+    turn = run(s, msg, options=SHORT)[1]
+    assert turn.user == msg and msg in turn.prompt
+    assert msg in vicuna.tokenizer.decode([i for i in turn.prompt_ids if i >= 0])
+
+
+# ---- faults ------------------------------------------------------------------------------------------------
+def _mid_stream_fault(real):
+    def generate(*args, **kw):
+        streamer = kw["streamer"]
+
+        class Faulty:  # fails after a few tokens, when the cache is already half written
+            n = 0
+
+            def put(self, v):
+                Faulty.n += 1
+                if Faulty.n > 3:
+                    raise RuntimeError("device lost")
+                streamer.put(v)
+
+            def end(self):
+                streamer.end()
+        kw["streamer"] = Faulty()
+        return real(*args, **kw)
+    return generate
+
+
+@pytest.mark.parametrize("fault", ["exception", "oom", "mid-stream"])
+def test_fault_in_generation_keeps_history_and_next_turn_is_exact(vicuna, monkeypatch, fault):
+    eng = Engine(vicuna)
+    s = eng.session()
+    first = run(s, "What colour is the square?", options=GREEDY)[1]
+    real = vicuna.llm.generate
+    if fault == "mid-stream":
+        monkeypatch.setattr(vicuna.llm, "generate", _mid_stream_fault(real))
+    else:
+        error = RuntimeError("boom") if fault == "exception" else torch.OutOfMemoryError("CUDA out of memory.")
+
+        def broken(*args, **kw):
+            raise error
+        monkeypatch.setattr(vicuna.llm, "generate", broken)
+    events, turn = run(s, "And the circle?", options=GenOptions(temperature=0, max_new_tokens=12))
+    (err,) = kinds(events, "error")
+    assert turn is None and s.turns == [first] and s.kv is None
+    assert ("out of memory" in err.text) == (fault == "oom") and "conversation is kept" in err.text
+    assert err.data == ("oom" if fault == "oom" else "internal")
+    monkeypatch.setattr(vicuna.llm, "generate", real)
+    longer = GenOptions(temperature=0, max_new_tokens=12)
+    nxt = run(s, "And the circle?", options=longer)[1]
+    clean = eng.session()
+    run(clean, "What colour is the square?", options=GREEDY)
+    assert nxt.token_ids == run(clean, "And the circle?", options=longer)[1].token_ids
+    assert s.undo() is nxt and s.turns == [first]
+
+
+def test_consumer_that_leaves_stops_generation(vicuna, monkeypatch):
+    no_eos(monkeypatch, vicuna)
+    eng = Engine(vicuna)
+    s = eng.session()
+    gen = s.chat("Tell me a very long story.", options=GenOptions(temperature=0, max_new_tokens=1500))
+    assert next(ev for ev in gen if ev.kind == "delta").text
+    t = time.perf_counter()
+    gen.close()
+    assert time.perf_counter() - t < 2.0 and not generating_threads()  # the worker ended promptly
+    assert eng._compute.acquire(blocking=False)  # the model is free again
+    eng._compute.release()
+    (turn,) = s.turns
+    assert turn.cancelled and 0 < len(turn.token_ids) < 1500 and turn.assistant is not None
+    other = run(eng.session(), "Hi", options=SHORT)[1]  # another session can generate
+    assert other is not None and len(other.token_ids) == 2
+    assert run(s, "Go on", options=SHORT)[1] is not None  # and so can this one
+    # a turn closed before it produced anything leaves no trace
+    gen = s.chat("Never mind", options=SHORT)
+    next(gen)  # first event (a delta or the notice) - then leave
+    gen.close()
+    assert len(s.turns) in (2, 3) and all(t.assistant is not None for t in s.turns)
+
+
+def test_second_turn_on_a_busy_session_is_refused_clearly(vicuna, monkeypatch):
+    no_eos(monkeypatch, vicuna)
+    monkeypatch.setattr(engine_mod, "BUSY_WAIT_S", 0.05)
+    s = Engine(vicuna).session()
+    gen = s.chat("Long story", options=GenOptions(temperature=0, max_new_tokens=1500))
+    next(ev for ev in gen if ev.kind == "delta")
+    (err,) = list(s.chat("Hello?", options=SHORT))
+    assert err.kind == "error" and err.data == "busy" and "Stop" in err.text
+    s.cancel()
+    assert kinds(list(gen), "done")[0].data.cancelled
+    assert run(s, "Hello?", options=SHORT)[1] is not None and len(s.turns) == 2
+
+
+# ---- concurrency and memory --------------------------------------------------------------------------------
+def test_eight_threads_eight_sessions_get_their_own_answers(vicuna):
+    eng = Engine(vicuna, kv_sessions=4)
+    questions = [f"Question {i}: how many {w} are there?" for i, w in
+                 enumerate(["circles", "squares", "stars", "lines", "dots", "boxes", "shapes", "objects"])]
+    alone = []
+    for q in questions:
+        s = eng.session()
+        alone.append([run(s, q, options=GREEDY)[1].token_ids, run(s, "Why?", options=GREEDY)[1].token_ids])
+    got, barrier = [None] * 8, threading.Barrier(8)
+
+    def worker(i):
+        s = eng.session(f"thread-{i}")
+        barrier.wait()
+        got[i] = [run(s, questions[i], options=GREEDY)[1].token_ids, run(s, "Why?", options=GREEDY)[1].token_ids]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == alone
+    assert sum(s.kv is not None for s in eng.sessions.values()) <= 4
+
+
+def test_session_and_cache_limits_and_release(vicuna):
+    eng = Engine(vicuna, max_sessions=3, kv_sessions=2)
+    made = [eng.session(f"s{i}") for i in range(5)]
+    for s in made:
+        run(s, "Hi there", [Image.new("RGB", (10, 10), (1, 2, 3))], options=SHORT)
+    assert list(eng.sessions) == ["s2", "s3", "s4"]  # least recently used first out
+    assert all(s.turns == [] and s.kv is None for s in made[:2])  # evicted ones released their memory
+    assert [s.kv is not None for s in made[2:]] == [False, True, True] and len(eng._kv_owners) == 2
+    eng.end_session("s4")
+    assert "s4" not in eng.sessions and "s4" not in eng._kv_owners and made[4].kv is None and made[4].turns == []
+    ref = weakref.ref(made.pop(4))
+    del s
+    gc.collect()
+    assert ref() is None  # nothing inside the engine still holds the ended session
+    # an evicted session used again starts afresh and says so
+    events, turn = run(made[0], "Hello again", options=SHORT)
+    assert any("expired" in e.text for e in kinds(events, "notice")) and made[0].turns == [turn]
+    assert "s0" in eng.sessions and len(eng.sessions) == 3
+
+
+def test_memory_stays_bounded_over_a_long_run(vicuna):
+    eng = Engine(vicuna, max_sessions=6, kv_sessions=2)
+    for k in range(200):
+        turn = run(eng.session(f"user-{k % 15}"), f"Message {k}", options=SHORT)[1]
+        assert turn is not None
+    gc.collect()
+    caches = [o for o in gc.get_objects() if type(o).__name__ == "DynamicCache"]
+    assert len(eng.sessions) == 6 and len(caches) <= 2
+    assert sum(len(s.turns) for s in eng.sessions.values()) <= 6 * 14
+    assert not generating_threads()
