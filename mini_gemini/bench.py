@@ -145,8 +145,9 @@ def bench_speed(new_tokens: int = 48) -> dict:
             model.mm_projector(mined)
 
     def with_maps():
-        enc = model.encode_images(lr, hr)
-        enc.attn.float().cpu(), enc.gain.cpu()
+        with torch.no_grad():
+            enc = model.encode_images(lr, hr)
+            enc.attn.float().cpu(), enc.gain.cpu()
     t_with, t_without = _interleaved(with_maps, without_maps, 7)
 
     # time to first token: first turn (encode + full prefill) vs follow-up (cached image and KV)

@@ -451,7 +451,7 @@ class Engine:
     def encode(self, pil) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One image -> (visual tokens (V*N, D), mining weights (V, N, P*P) float32 CPU, gain (V, N) or None)."""
         views = self.model.processor(pil)
-        with self._compute:
+        with self._compute, torch.no_grad():
             enc = self.model.encode_images(views.lr[None], views.hr[None])
         gain = enc[2][0].float().cpu() if len(enc) > 2 else None
         return enc[0][0], enc[1][0].float().cpu(), gain

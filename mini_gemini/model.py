@@ -102,12 +102,12 @@ class MiniGemini(nn.Module):
         return next(self.mm_projector.parameters()).dtype
 
     # ---- vision ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_images(self, lr: torch.Tensor, hr: torch.Tensor):
+    def encode_images(self, lr: torch.Tensor, hr: torch.Tensor) -> Encoded:
         """lr: (B, V, 3, S, S) views in model order (HD: global first, then the grid row-major);
         hr: (B, 3, S_aux, S_aux).
 
         Returns visual tokens (B, V*N, D), mining weights (B, V, N, P*P) and mining gain (B, V, N).
+        Gradients flow when the caller allows them (training); inference callers wrap it in no_grad.
         """
         b, v = lr.shape[:2]
         clip_p = next(self.vision_tower.parameters())

@@ -1,0 +1,65 @@
+"""Training: answer-only labels, LLaVA data, a few steps that lower the loss, checkpoints and --resume."""
+import json
+
+import torch
+
+from mini_gemini.synthetic import sample, scene, token_targets, write_llava_json
+from mini_gemini.templates import Turn
+from mini_gemini.tiny import build_tiny
+from mini_gemini.train import IGNORE_INDEX, encode_conversation, llava_turns, main
+
+
+def test_synthetic_is_deterministic_and_well_formed():
+    a, b = scene(3, 7), scene(3, 7)
+    assert a.image.tobytes() == b.image.tobytes() and a.digit == b.digit
+    assert scene(3, 8).image.tobytes() != a.image.tobytes()
+    for i in range(20):
+        sc = scene(0, i)
+        assert 3 <= len(sc.squares) <= 5 and len({s.colour for s in sc.squares}) == len(sc.squares)
+        x0, y0, x1, y1 = sc.digit_box
+        box = sc.square_of_digit().box
+        assert box[0] <= x0 and box[1] <= y0 and x1 <= box[2] and y1 <= box[3]  # the digit sits in its square
+        assert 0.03 <= (y1 - y0) / sc.size <= 0.08                              # 4-7% of the side (rounding)
+        colour, digit = token_targets(sc, 8)
+        assert digit.count(sc.digit) >= 1 and len(colour) == 64
+    s = sample(0, 1, digit_fraction=1.0)
+    assert s["kind"] == "digit" and s["answer"] == str(s["scene"].digit)
+
+
+def test_labels_cover_only_the_answers():
+    model = build_tiny("vicuna")
+    turns = [Turn("What digit is in the red square?", 1, "7"), Turn("And the colour?", 0, "red")]
+    ids, labels = encode_conversation(model, turns)
+    learnt = model.tokenizer.decode([i for i, y in zip(ids, labels) if y != IGNORE_INDEX])
+    assert learnt.replace(" ", "") == "7</s>red</s>"
+    assert all(y == IGNORE_INDEX or y == i for i, y in zip(ids, labels))
+    got = llava_turns([{"from": "human", "value": "<image>\nWhat digit?"}, {"from": "gpt", "value": "3"}])
+    assert got == [Turn("What digit?", 1, "3")]
+
+
+def test_a_few_steps_lower_the_loss_then_resume(tmp_path, tiny_checkpoint):
+    torch.set_num_threads(1)
+    init = tiny_checkpoint("vicuna")
+    out = tmp_path / "run"
+    common = ["--init", str(init), "--stage", "2", "--lr", "3e-3", "--batch-size", "4", "--log-every", "1",
+              "--out", str(out), "--seed", "0"]
+    main(common + ["--steps", "12", "--save-every", "6"])
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 13))
+    first, last = sum(r["lm"] for r in log[:3]) / 3, sum(r["lm"] for r in log[-3:]) / 3
+    assert last < 0.85 * first, (first, last)
+    assert (out / "checkpoint-6" / "trainer_state.pt").exists() and (out / "config.json").exists()
+
+    # --resume continues from the newest checkpoint (step 12) to step 14
+    main(common + ["--steps", "14", "--resume", "--save-every", "14"])
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps[12:] == [13, 14]
+
+    # LLaVA-format JSON data (stage 1: the LLM stays frozen)
+    data = write_llava_json(tmp_path / "llava", 4, seed=5)
+    main(["--init", str(out), "--data", str(data), "--stage", "1", "--steps", "2", "--batch-size", "2",
+                  "--out", str(tmp_path / "ft")])
+    from mini_gemini import load_pretrained
+    before, after = load_pretrained(str(out), device="cpu"), load_pretrained(str(tmp_path / "ft"), device="cpu")
+    assert torch.equal(before.llm.lm_head.weight, after.llm.lm_head.weight)
+    assert not torch.equal(before.mm_projector[0].weight, after.mm_projector[0].weight)
