@@ -37,7 +37,7 @@ import gradio as gr
 import numpy as np
 
 from mini_gemini import heatmap as hm
-from mini_gemini.engine import Engine, Event, GenOptions, clean_text
+from mini_gemini.engine import MAX_USER_CHARS, Engine, Event, GenOptions, clean_text
 from mini_gemini.imagegen import DEFAULT_SDXL, ImageGenerator
 from mini_gemini.images import MAX_FILE_BYTES, ImageError, load_image
 from mini_gemini.loading import ModelLoadError, load_pretrained, resolve
@@ -47,6 +47,7 @@ EXAMPLES = ROOT / "assets" / "examples"
 DEMO_MODEL = ROOT / "assets" / "demo-model"
 DEFAULT_MODEL = "YanweiLi/MGM-2B"
 RED_SQUARE = "What digit is in the red square?"
+MAX_FAILED = 20  # failed messages a conversation keeps on show (they hold the user's text)
 CMAPS = ["inferno", "viridis", "magma", "jet", "coolwarm", "gray"]
 CSS = """
 #mgm-banner {background: #fff4e5; border: 1px solid #f0ad4e; border-radius: 8px; padding: 4px 14px;}
@@ -247,6 +248,11 @@ class Extras:
         self.count += 1
         return self.folder / f"{stem}-{self.count}{suffix}"
 
+    def fail(self, failed: Failed):
+        """Show a message that got an error; only the last MAX_FAILED stay (a client may fail forever)."""
+        self.failed.append(failed)
+        del self.failed[:-MAX_FAILED]
+
     def sync(self, n_turns: int):
         del self.views[n_turns:]
         self.views += [View() for _ in range(n_turns - len(self.views))]
@@ -404,21 +410,28 @@ def run_turn(session, ex: Extras, text: str, files: list, generate_image: bool, 
                     len(session.images) - len(t.images) + 1, history=n_history)
     else:
         n_history, images = len(session.turns), []
-        live = Live(clean_text(text), [], len(session.images) + 1, history=n_history)
-        for k, path in enumerate(files):  # decode here first: errors and display copies come at once
+        # the engine reads no more than MAX_USER_CHARS either; what is shown (and kept on failure) is bounded
+        live = Live(clean_text(text)[:MAX_USER_CHARS], [], len(session.images) + 1, history=n_history)
+        limit = session.engine.images_per_session
+        if len(session.images) + len(files) > limit:  # refused before decoding: each decode costs memory
+            live.error = (f"Send at most {limit} images at once." if len(files) > limit else
+                          f"This conversation can hold at most {limit} images; clear it to start a new one.")
+        for k, path in enumerate(files if live.error is None else []):  # decode first: errors come at once
             try:
                 loaded = load_image(path)
-            except ImageError as e:
-                name = Path(str(path)).name
-                live.files = []
-                live.user = (live.user + "\n\n" if live.user else "") + f"(file: {name})"
-                live.error = str(e)
-                ex.failed.append(Failed(len(session.turns), live.user, [], live.error))
-                yield live
-                return
+            except Exception as e:  # noqa: BLE001 - whatever the file does, the user gets a message
+                where = f"Image {k + 1} of {len(files)}: " if len(files) > 1 else ""
+                live.user = (live.user + "\n\n" if live.user else "") + f"(file: {Path(str(path)).name})"
+                live.error = where + _image_error(e)
+                break
             images.append(loaded.image)
             live.files.append(ex.show(loaded.image, loaded.key))
             live.notices += [f"Image {live.first + k}: {n}." for n in loaded.notes]
+        if live.error is not None:
+            live.files = []
+            ex.fail(Failed(len(session.turns), live.user, [], live.error))
+            yield live
+            return
     yield live
     events = _events(session.id, session.turns, text, images, generate_image, options, regenerate)
     last = 0.0
@@ -455,10 +468,19 @@ def run_turn(session, ex: Extras, text: str, files: list, generate_image: bool, 
         live.progress = None
         ex.sync(len(session.turns))
         if live.error:
-            ex.failed.append(Failed(len(session.turns), live.user, live.files, live.error))
+            ex.fail(Failed(len(session.turns), live.user, live.files, live.error))
         elif len(session.turns) > n_history:
             ex.views[n_history] = View(list(live.notices), live.image_file)
     yield live
+
+
+def _image_error(e: Exception) -> str:
+    """What to tell the user about a file that could not be decoded (never a server path)."""
+    if isinstance(e, ImageError):
+        return str(e)
+    if isinstance(e, MemoryError):
+        return "The image is too large to decode here. Please send a smaller one."
+    return f"Could not read the image ({type(e).__name__}). Please send a PNG, JPEG, WebP, GIF or BMP file."
 
 
 def _options(temperature, top_p=0.7, max_new_tokens=None, steps=30) -> GenOptions:
@@ -475,7 +497,7 @@ def _files(message) -> tuple[str, list]:
 
 def chat_ui(message, generate_image, temperature, top_p, max_new_tokens, steps, request: gr.Request):
     text, files = _files(message)
-    if not text.strip() and not files:
+    if not clean_text(text).strip() and not files:
         yield gr.skip(), gr.skip()
         return
     session, ex = session_of(request)
@@ -498,7 +520,7 @@ def _stream(session, ex, start):
         for live in turn:
             yield render(session, ex, upto=live.history) + live.messages(), locked
     except Exception as e:  # noqa: BLE001 — the history must stay usable whatever happened
-        ex.failed.append(Failed(len(session.turns), "", [], f"Something went wrong ({type(e).__name__}: {e})."))
+        ex.fail(Failed(len(session.turns), "", [], f"Something went wrong ({type(e).__name__}: {e})."))
     finally:
         turn.close()  # also when the client went away: the engine then stops generating
     yield render(session, ex), gr.MultimodalTextbox(value=None, interactive=True)
@@ -692,10 +714,11 @@ def watch_loading(progress=gr.Progress()):
 def api_chat(message: str, images: list | None, generate_image: bool, temperature: float, request: gr.Request):
     """One chat turn for API clients. Each client (its Gradio session) has its own history.
 
-    Returns (reply text, generated image or None, gallery of mining heatmaps for every image so far).
+    Returns (reply text, generated image or None, gallery of mining heatmaps for every image so far); the
+    reply ends with the turn's notes, if any, each a paragraph starting with "Note: ".
     """
     files = [f if isinstance(f, str) else getattr(f, "path", None) or f.get("path") for f in (images or [])]
-    if not (message or "").strip() and not files:
+    if not clean_text(message).strip() and not files:
         raise gr.Error("Send a message, an image, or both.")
     session, ex = session_of(request)
     live = None
@@ -704,7 +727,14 @@ def api_chat(message: str, images: list | None, generate_image: bool, temperatur
             yield live.text, None, []
     if live.error:
         raise gr.Error(live.error)
-    yield (live.turn.assistant if live.turn is not None else live.text), live.image_file, heatmap_gallery(session)
+    answer = live.turn.assistant if live.turn is not None else live.text
+    yield api_reply(answer, live.notices), live.image_file, heatmap_gallery(session)
+
+
+def api_reply(answer: str, notices: list) -> str:
+    """The answer, then what the user should know about the turn (message cut, image not drawn, ...): API
+    clients have no other place to see it. Each note is its own paragraph starting with "Note: "."""
+    return "\n\n".join(([answer] if answer else []) + [f"Note: {n}" for n in notices])
 
 
 def heatmap_gallery(session) -> list:
@@ -811,7 +841,8 @@ def build_demo() -> gr.Blocks:
         api_btn.click(api_chat, [api_msg, api_files, api_gen, api_temp], [api_reply, api_image, api_gallery],
                       api_name="chat", concurrency_id="model", concurrency_limit=2,
                       api_description="Chat turn: (message, images, generate_image, temperature) -> "
-                                      "(reply, generated image or None, gallery of mining heatmaps).")
+                                      "(reply, generated image or None, gallery of mining heatmaps). Notes "
+                                      "about the turn end the reply, each a paragraph starting 'Note: '.")
         demo.unload(end_session)
     return demo
 

@@ -365,6 +365,8 @@ class Engine:
         self.images_per_session = images_per_session
         self.sessions: OrderedDict[str, ChatSession] = OrderedDict()
         self._kv_owners: OrderedDict[str, None] = OrderedDict()
+        # ids the LRU dropped (bounded): a caller that looks its session up by id is told it expired
+        self._expired_ids: OrderedDict[str, None] = OrderedDict()
         self._compute = threading.Lock()     # one model run (encode / generate) at a time
         self._state = threading.Lock()       # sessions and KV bookkeeping; never held while waiting
         self._tok_lock = threading.RLock()   # the tokenizer is not thread safe
@@ -397,13 +399,26 @@ class Engine:
         """The session with this id (created on first use); the least recently used ones are dropped."""
         session_id = session_id or uuid.uuid4().hex
         with self._state:
-            s = self.sessions.pop(session_id, None) or ChatSession(self, session_id)
+            s = self.sessions.pop(session_id, None)
+            if s is None:
+                s = ChatSession(self, session_id)
+                s._expired = session_id in self._expired_ids  # its next turn says so
+                self._expired_ids.pop(session_id, None)
             self.sessions[session_id] = s
-            evicted = [self.sessions.popitem(last=False)[1] for _ in range(len(self.sessions) - self.max_sessions)]
+            evicted = self._evict()
         for old in evicted:  # outside the state lock: closing may touch it
-            old._expired = True
             old.close()
         return s
+
+    def _evict(self) -> list["ChatSession"]:
+        """Drop the least recently used sessions beyond `max_sessions` (under the state lock)."""
+        evicted = [self.sessions.popitem(last=False)[1] for _ in range(len(self.sessions) - self.max_sessions)]
+        for old in evicted:
+            old._expired = True
+            self._expired_ids[old.id] = None
+        while len(self._expired_ids) > 4 * self.max_sessions + 64:
+            self._expired_ids.popitem(last=False)
+        return evicted
 
     def end_session(self, session_id: str):
         """Forget a session: its history, images and KV cache are released."""
@@ -422,9 +437,9 @@ class Engine:
             if current is not None:  # the id went to a new session meanwhile: this one runs unmanaged
                 return
             self.sessions[session.id] = session
-            evicted = [self.sessions.popitem(last=False)[1] for _ in range(len(self.sessions) - self.max_sessions)]
+            self._expired_ids.pop(session.id, None)
+            evicted = self._evict()
         for old in evicted:
-            old._expired = True
             old.close()
 
     def _keep_kv(self, session: "ChatSession"):
@@ -579,12 +594,11 @@ class ChatSession:
 
     def _chat(self, text: str, images: list, generate_image: bool, options: GenOptions) -> Iterator[Event]:
         eng = self.engine
-        if self._closed:
-            self._closed = False
-            if self._expired:
-                self._expired = False
-                yield Event("notice", "This conversation had expired (the server keeps a limited number) and "
-                                      "starts afresh.")
+        self._closed = False
+        if self._expired:  # dropped by the LRU (this object, or an earlier one with the same id)
+            self._expired = False
+            yield Event("notice", "This conversation had expired (the server keeps a limited number) and "
+                                  "starts afresh.")
         eng._touch(self)
         notes = []
         if len(text) > MAX_USER_CHARS:

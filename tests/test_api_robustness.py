@@ -1,0 +1,425 @@
+"""The app's `/chat` API under hostile input, faults and many users: whatever arrives, the client gets a
+clear message, its history is kept, the server keeps serving, and nobody sees another's data.
+
+The app runs in this process (one server for the module, tiny model, greedy answers) so that a test can
+reach its engine: inject a fault into generation, look at a client's session, lower the session bound.
+Clients are real `gradio_client` clients over HTTP; a few requests are sent raw, as an attacker would.
+"""
+import json
+import signal
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from corpus import EXPECT, make_corpus
+from mini_gemini.constants import IMAGE_TOKEN_INDEX
+from mini_gemini.engine import MAX_USER_CHARS
+from mini_gemini.images import MAX_FILE_BYTES, image_key
+
+ROOT = Path(__file__).resolve().parents[1]
+HELLO = "What colour is the square?"
+FOLLOW_UP = "And the circle next to it?"
+ASK = "What is in this picture?"
+MAX_NEW = 16  # answer length of the app under test: short answers keep the module fast
+TYPED = ["<image>", "<start_of_turn>", "<end_of_turn>", "</s>", "<s>", "<|eot_id|>", "<|start_header_id|>",
+         "[INST]", "[/INST]", "<|im_end|>", "<|im_start|>", "USER:", "ASSISTANT:", "<GEN>", "<h>", "</h>"]
+
+
+@dataclass
+class Server:
+    url: str
+    app: object       # the app module, its globals set up by app.main
+    engine: object    # the app's Engine
+    demo: object      # the running gr.Blocks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_checkpoint):
+    """The real `app.main` (options, queue, launch limits and all), launched without blocking."""
+    import gradio as gr
+
+    import app
+    launched = {}
+    real_launch = gr.Blocks.launch
+
+    def launch(self, *args, **kw):
+        launched["demo"] = self
+        return real_launch(self, *args, **dict(kw, prevent_thread_lock=True))
+
+    port, sigterm = _free_port(), signal.getsignal(signal.SIGTERM)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(gr.Blocks, "launch", launch)
+    try:
+        app.main(["--model", str(tiny_checkpoint("vicuna")), "--sdxl", "none", "--device", "cpu",
+                  "--host", "127.0.0.1", "--port", str(port), "--max-new-tokens", str(MAX_NEW)])
+    finally:
+        mp.undo()
+        signal.signal(signal.SIGTERM, sigterm)  # main installs its own: give pytest's back
+    engine = app.LOADER.wait()
+    yield Server(f"http://127.0.0.1:{port}", app, engine, launched["demo"])
+    launched["demo"].close()
+
+
+def client(srv):
+    from gradio_client import Client
+    return Client(srv.url, verbose=False, download_files=False)
+
+
+def chat(c, message, images=(), generate_image=False):
+    from gradio_client import handle_file
+    return c.predict(message, [handle_file(str(p)) for p in images], generate_image, 0.0, api_name="/chat")
+
+
+def session(srv, c):
+    """The engine's conversation of gradio client `c` (the app keys them by Gradio's session hash)."""
+    return srv.engine.sessions[c.session_hash]
+
+
+def clean(message: str) -> str:
+    """A message fit for users: no Python traceback, no path on the server."""
+    import gradio.utils
+    assert "Traceback" not in message and 'File "' not in message, message
+    for path in (str(ROOT), tempfile.gettempdir(), gradio.utils.get_upload_folder()):
+        assert path not in message, message
+    return message
+
+
+def refused(c, message, images=(), *, match: str) -> str:
+    from gradio_client.exceptions import AppError
+    with pytest.raises(AppError) as info:
+        chat(c, message, images)
+    text = clean(str(info.value))
+    assert match.lower() in text.lower(), text
+    return text
+
+
+def raw_chat(srv, data: list) -> tuple[str, str]:
+    """One /chat call without gradio_client (nothing uploaded for us): (last event, its data)."""
+    r = httpx.post(srv.url + "/gradio_api/call/chat", json={"data": data}, timeout=30)
+    r.raise_for_status()
+    event = data_line = ""
+    with httpx.stream("GET", srv.url + f"/gradio_api/call/chat/{r.json()['event_id']}", timeout=60) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                data_line = line.split(":", 1)[1].strip()
+    return event, data_line
+
+
+def no_eos_for(monkeypatch, srv, session_id: str, max_new: int):
+    """Make generation for one session unable to stop early: it runs for `max_new` tokens."""
+    llm = srv.engine.model.llm
+    real, stop_ids = llm.generate, srv.engine.stop_ids
+
+    def generate(*args, **kw):
+        if threading.current_thread().name == f"mgm-generate-{session_id[:8]}":
+            kw["suppress_tokens"] = sorted(set(kw.get("suppress_tokens") or []) | set(stop_ids))
+            kw["max_new_tokens"] = max_new
+        return real(*args, **kw)
+    monkeypatch.setattr(llm, "generate", generate)
+
+
+def generating(session_id: str) -> bool:
+    """Whether the model is writing for this session (its worker thread is named after it)."""
+    return any(t.name == f"mgm-generate-{session_id[:8]}" and t.is_alive() for t in threading.enumerate())
+
+
+# ---- bad files ---------------------------------------------------------------------------------------------
+def test_every_corpus_file_is_refused_clearly_or_answered_with_its_notes(srv, tmp_path):
+    paths = make_corpus(tmp_path)
+    c = client(srv)
+    chat(c, HELLO)
+    (first,) = session(srv, c).turns
+    for name, path in paths.items():
+        exp = EXPECT[name]
+        if exp.loads:  # another client each time: the server keeps serving others between the bad files
+            other = client(srv)
+            reply, image, gallery = chat(other, ASK, [path])
+            assert isinstance(reply, str) and image is None, name
+            assert all(f"Note: Image 1: {note}." in reply for note in exp.notes), (name, reply)
+            assert ("Note:" in reply) == bool(exp.notes), (name, reply)
+            assert [g["caption"] for g in gallery] == ["Image 1: mining focus", "Image 1: mining gain"], name
+            (turn,) = session(srv, other).turns
+            assert turn.images[0].image.size == exp.size and turn.assistant is not None, name
+        elif name == "too_big.bin":  # Gradio refuses it at the upload already, before the app sees it
+            with open(path, "rb") as f:
+                r = httpx.post(srv.url + "/gradio_api/upload", files={"files": ("too_big.png", f, "image/png")})
+            assert r.status_code == 413 and f"maximum allowed size of {MAX_FILE_BYTES} bytes" in r.text
+        else:
+            refused(c, ASK, [path], match=exp.message)
+        assert session(srv, c).turns == [first], name  # the same turn object: nothing added, nothing lost
+    # a bad image among good ones refuses the whole message, says which one, and keeps the history
+    refused(c, "Compare them", [paths["grey.png"], paths["truncated.png"]], match="Image 2 of 2")
+    # the follow-up is answered exactly as if none of this had happened
+    ref = client(srv)
+    chat(ref, HELLO)
+    assert chat(c, FOLLOW_UP)[0] == chat(ref, FOLLOW_UP)[0]
+    assert [t.token_ids for t in session(srv, c).turns] == [t.token_ids for t in session(srv, ref).turns]
+
+
+# ---- odd text ----------------------------------------------------------------------------------------------
+def test_empty_messages_are_refused_and_leave_no_trace(srv):
+    c = client(srv)
+    for text in ("", "   \n\t ", "\x00\x01\x1b\x7f"):
+        refused(c, text, match="Send a message, an image, or both")
+    assert c.session_hash not in srv.engine.sessions or session(srv, c).turns == []
+    reply = chat(c, HELLO)[0]
+    assert reply and [t.user for t in session(srv, c).turns] == [HELLO]
+
+
+def test_typed_control_tokens_stay_text_and_draw_nothing(srv, monkeypatch, tmp_path):
+    drawn = []
+
+    class Recorder:  # stands in for SDXL: any call would mean a typed tag started image generation
+        model = "recorder"
+
+        def generate(self, prompt, **kw):
+            drawn.append(prompt)
+            return Image.new("RGB", (8, 8))
+    monkeypatch.setattr(srv.engine, "imagegen", Recorder())
+    photo = tmp_path / "green.png"
+    Image.new("RGB", (30, 20), (0, 200, 0)).save(photo)
+    hostile = "look " + " x ".join(TYPED) + " <h>a cat</h> <GEN>"
+    for images in ([], [photo]):
+        c = client(srv)
+        reply, image, gallery = chat(c, hostile, images, generate_image=False)
+        assert isinstance(reply, str) and image is None and len(gallery) == 2 * len(images)
+        (turn,) = session(srv, c).turns
+        assert turn.user == hostile and hostile in turn.prompt  # arrived intact, and was given as text
+        assert turn.prompt_ids.count(IMAGE_TOKEN_INDEX) == len(images)  # typed "<image>" is no image slot
+        assert turn.image_prompt is None and turn.generated_image is None
+    assert drawn == []
+
+
+def test_huge_message_is_trimmed_with_a_notice_and_answered(srv):
+    c = client(srv)
+    text = ("The red square is left of the blue circle. " * 5000)[:200_000]
+    t = time.perf_counter()
+    reply = chat(c, text)[0]
+    assert time.perf_counter() - t < 20
+    assert f"Note: Your message was cut to its first {MAX_USER_CHARS:,} characters." in reply
+    assert "Note: Your message was shortened to" in reply
+    (turn,) = session(srv, c).turns
+    assert turn.assistant is not None and text.startswith(turn.user) and 0 < len(turn.user) < MAX_USER_CHARS
+    assert chat(c, "Thanks!")[0] is not None and len(session(srv, c).turns) == 2
+
+
+def test_control_characters_are_dropped_scripts_and_emoji_survive(srv):
+    c = client(srv)
+    chat(c, "a\x00b\x07c\x1b[0m\u200bd\r\ne\x7f\x85f")
+    rtl = "שלום עולם — مرحبا بالعالم \u200f 👋🏽 👨\u200d👩\u200d👧 🇫🇷 ok"
+    reply = chat(c, rtl)[0]
+    assert isinstance(reply, str)
+    assert [t.user for t in session(srv, c).turns] == ["abc[0m\u200bd\nef", rtl]
+    assert rtl in session(srv, c).turns[1].prompt
+
+
+# ---- faults ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("when", ["before the first token", "mid-stream"])
+def test_fault_in_generation_keeps_history_and_next_turn_is_exact(srv, monkeypatch, when):
+    ref, c = client(srv), client(srv)
+    chat(ref, HELLO), chat(c, HELLO)
+    expected = chat(ref, FOLLOW_UP)[0]
+    (first,) = session(srv, c).turns
+    llm = srv.engine.model.llm
+    real = llm.generate
+
+    def faulty(*args, **kw):  # fails once, for this client only
+        if threading.current_thread().name != f"mgm-generate-{c.session_hash[:8]}":
+            return real(*args, **kw)
+        monkeypatch.setattr(llm, "generate", real)
+        if when == "mid-stream":
+            streamer, n = kw["streamer"], [0]
+
+            class Faulty:  # the device fails after a few tokens, with the cache half written
+                def put(self, v):
+                    n[0] += 1
+                    if n[0] > 3:
+                        raise RuntimeError("device lost")
+                    streamer.put(v)
+
+                def end(self):
+                    streamer.end()
+            kw["streamer"] = Faulty()
+            return real(*args, **kw)
+        raise RuntimeError("device lost")
+    monkeypatch.setattr(llm, "generate", faulty)
+    assert "Your conversation is kept" in refused(c, FOLLOW_UP, match="(RuntimeError: device lost)")
+    assert session(srv, c).turns == [first] and session(srv, c).kv is None
+    assert chat(c, FOLLOW_UP)[0] == expected  # as if the fault had never happened
+    assert [t.token_ids for t in session(srv, c).turns] == [t.token_ids for t in session(srv, ref).turns]
+
+
+def test_failed_image_generation_keeps_the_text_answer(srv, monkeypatch):
+    class Broken:  # SDXL that fails the way a GPU does
+        model = "broken-sdxl"
+
+        def generate(self, prompt, **kw):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(srv.engine, "imagegen", Broken())
+    c = client(srv)
+    reply, image, _ = chat(c, "Draw a red square on a white table.", generate_image=True)
+    (turn,) = session(srv, c).turns
+    assert image is None and turn.assistant and reply.startswith(turn.assistant)
+    assert "Note: Image generation failed:" in reply and "The text answer is kept." in reply
+    clean(reply)
+    assert chat(c, "Thanks!")[0] is not None and len(session(srv, c).turns) == 2
+
+
+def test_cancelled_client_stops_its_generation_and_others_proceed(srv, monkeypatch):
+    c, other = client(srv), client(srv)
+    no_eos_for(monkeypatch, srv, c.session_hash, max_new=1500)
+    job = c.submit("Tell me a very long story.", [], False, 0.0, api_name="/chat")
+    deadline = time.monotonic() + 30
+    while len(job.outputs()) < 2 and time.monotonic() < deadline:  # it is streaming
+        time.sleep(0.02)
+    assert len(job.outputs()) >= 2 and generating(c.session_hash)
+    waiting = other.submit(HELLO, [], False, 0.0, api_name="/chat")  # waits for the model, busy with c
+    job.cancel()
+    t = time.monotonic()
+    while generating(c.session_hash) and time.monotonic() - t < 5:
+        time.sleep(0.02)
+    assert not generating(c.session_hash), "the cancelled client's generation kept running"
+    (turn,) = session(srv, c).turns
+    assert turn.cancelled and 0 < len(turn.token_ids) < 1500
+    assert waiting.result(timeout=30)[0] is not None and len(session(srv, other).turns) == 1
+    assert chat(c, "Shorter, please.")[0] is not None and len(session(srv, c).turns) == 2
+
+
+# ---- many users ------------------------------------------------------------------------------------------
+def test_eight_clients_at_once_get_exactly_their_own_answers(srv):
+    questions = [f"Question {i}: how many {w} are there?" for i, w in
+                 enumerate(["circles", "squares", "stars", "lines", "dots", "boxes", "shapes", "objects"])]
+    alone = []
+    for q in questions:
+        c = client(srv)
+        alone.append([chat(c, q)[0], chat(c, "Why?")[0]])
+    clients = [client(srv) for _ in questions]
+    got, errors, barrier = [None] * 8, [], threading.Barrier(8)
+
+    def user(i):
+        try:
+            barrier.wait()
+            got[i] = [chat(clients[i], questions[i])[0], chat(clients[i], "Why?")[0]]
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and got == alone
+    for c, q in zip(clients, questions):  # histories never mixed
+        assert [t.user for t in session(srv, c).turns] == [q, "Why?"]
+
+
+# ---- what the server gives away ------------------------------------------------------------------------------
+def test_file_routes_serve_nothing_outside_gradios_folders(srv, tmp_path):
+    import gradio.utils
+    c = client(srv)
+    chat(c, ASK, [_png(tmp_path / "private.png", (1, 2, 3))])
+    (copy,) = srv.app.EXTRAS[c.session_hash].display.values()  # the app's own copy of this user's picture
+    note = tmp_path / "notes.txt"  # in the temp folder, where Gradio takes the app's *outputs* from
+    note.write_text("TOP SECRET 42")
+    secrets = {"/etc/passwd": b"root:", str(ROOT / "app.py"): b"def api_chat", str(note): b"TOP SECRET",
+               copy: b"\x89PNG"}
+    up, back = gradio.utils.get_upload_folder(), "../" * 8
+    for path, marker in secrets.items():
+        rel = path.lstrip("/")
+        for route in (f"/gradio_api/file={path}", "/gradio_api/file=%2F" + rel.replace("/", "%2F"),
+                      f"/gradio_api/file={back}{rel}", "/gradio_api/file=" + "..%2F" * 8 + rel,
+                      "/gradio_api/file=" + "%2e%2e/" * 8 + rel, f"/gradio_api/file={up}/{back}{rel}",
+                      f"/gradio_api/file={ROOT}/assets/examples/{back}{rel}", f"/gradio_api/file=file://{path}",
+                      f"/gradio_api/file={srv.url}/gradio_api/file={path}", f"/file={path}",
+                      f"/static/{back}{rel}", f"/assets/{back}{rel}", f"/gradio_api/{back}{rel}"):
+            r = httpx.get(srv.url + route, timeout=10)
+            assert r.status_code in (403, 404) and marker not in r.content, (route, r.status_code)
+    for route in ("/gradio_api/file=app.py", "/gradio_api/file=/proc/self/environ",
+                  f"/gradio_api/file={srv.app.workdir()}", f"/gradio_api/file={up}"):
+        assert httpx.get(srv.url + route, timeout=10).status_code in (403, 404), route
+    # what is served: the public examples
+    r = httpx.get(f"{srv.url}/gradio_api/file={ROOT}/assets/examples/squares-1.png", timeout=10)
+    assert r.status_code == 200 and r.content[:4] == b"\x89PNG"
+
+
+def test_images_must_be_uploaded_not_named(srv, tmp_path):
+    """A server-side path passed as an `images` entry is refused, whatever the form: nothing is read."""
+    other = client(srv)
+    chat(other, ASK, [_png(tmp_path / "theirs.png", (7, 8, 9))])
+    (theirs,) = srv.app.EXTRAS[other.session_hash].display.values()  # another user's picture, as kept
+    local = _png(tmp_path / "local.png", (200, 0, 0))             # on the server's disk, never uploaded
+    keys = {image_key(Image.open(p).convert("RGB")) for p in (theirs, local)}
+    for path in ("/etc/passwd", str(ROOT / "app.py"), str(local), str(theirs), "../../../../etc/passwd"):
+        for item in ({"path": path, "meta": {"_type": "gradio.FileData"}}, {"path": path}, path,
+                     {"path": path, "url": f"{srv.url}/gradio_api/file={path}", "meta": {"_type": "gradio.FileData"}}):
+            event, data = raw_chat(srv, [ASK, [item], False, 0.0])
+            assert event == "error", (item, event, data)
+            assert "root:" not in data and "def api_chat" not in data and "mining" not in data, item
+    for s in list(srv.engine.sessions.values()):  # no conversation saw those pixels but their owner's
+        assert not ({im.key for im in s.images} & keys) or s.id == other.session_hash
+
+
+def _png(path: Path, colour) -> Path:
+    Image.new("RGB", (24, 24), colour).save(path)
+    return path
+
+
+def test_uploads_over_the_limit_are_refused_clearly(srv):
+    config = httpx.get(srv.url + "/config", timeout=10).json()
+    assert srv.demo.max_file_size == MAX_FILE_BYTES and config.get("max_file_size") == MAX_FILE_BYTES
+    big = b"\x89PNG\r\n\x1a\n" + bytes(MAX_FILE_BYTES)
+    r = httpx.post(srv.url + "/gradio_api/upload", files={"files": ("big.png", big, "image/png")}, timeout=60)
+    assert r.status_code == 413 and "File size exceeded maximum allowed size" in r.text
+    r = httpx.post(srv.url + "/gradio_api/upload", files={"files": ("small.png", big[:1000], "image/png")})
+    assert r.status_code == 200 and json.loads(r.text)[0].endswith("small.png")
+
+
+# ---- bounded memory --------------------------------------------------------------------------------------
+def test_too_many_images_are_refused_before_any_is_decoded(srv, monkeypatch, tmp_path):
+    decoded = []
+    real = srv.app.load_image
+    monkeypatch.setattr(srv.app, "load_image", lambda src, **kw: decoded.append(src) or real(src, **kw))
+    c = client(srv)
+    chat(c, HELLO)
+    many = [_png(tmp_path / f"p{i}.png", (i, i, i)) for i in range(srv.engine.images_per_session + 1)]
+    refused(c, ASK, many, match=f"at most {srv.engine.images_per_session} images")
+    assert decoded == [] and len(session(srv, c).turns) == 1
+
+
+def test_failed_messages_kept_for_display_are_bounded(srv, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    c = client(srv)
+    for _ in range(srv.app.MAX_FAILED + 5):
+        refused(c, "x" * 50_000, [bad], match="not an image")
+    ex = srv.app.EXTRAS[c.session_hash]
+    assert len(ex.failed) == srv.app.MAX_FAILED
+    assert all(len(f.user) <= MAX_USER_CHARS + 100 for f in ex.failed)
+
+
+def test_sessions_stay_within_the_engines_bound(srv, monkeypatch, tmp_path):
+    monkeypatch.setattr(srv.engine, "max_sessions", 3)
+    clients = [client(srv) for _ in range(6)]
+    for i, c in enumerate(clients):
+        chat(c, f"Hello from user {i}", [_png(tmp_path / f"u{i}.png", (i * 40, 0, 0))])
+        assert len(srv.engine.sessions) <= 3 and len(srv.app.EXTRAS) <= 3
+    assert list(srv.engine.sessions) == [c.session_hash for c in clients[-3:]]
+    assert len([p for p in Path(srv.app.workdir()).iterdir() if p.is_dir()]) <= 3  # their files went too
+    # a dropped client may come back: it is told, and starts afresh
+    reply = chat(clients[0], "Hello again")[0]
+    assert "Note: This conversation had expired" in reply
+    assert [t.user for t in session(srv, clients[0]).turns] == ["Hello again"]
