@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from corpus import EXPECT, make_corpus
+from helpers import FaultyStreamer
 from mini_gemini.constants import IMAGE_TOKEN_INDEX
 from mini_gemini.engine import MAX_USER_CHARS
 from mini_gemini.images import MAX_FILE_BYTES, image_key
@@ -243,18 +244,7 @@ def test_fault_in_generation_keeps_history_and_next_turn_is_exact(srv, monkeypat
             return real(*args, **kw)
         monkeypatch.setattr(llm, "generate", real)
         if when == "mid-stream":
-            streamer, n = kw["streamer"], [0]
-
-            class Faulty:  # the device fails after a few tokens, with the cache half written
-                def put(self, v):
-                    n[0] += 1
-                    if n[0] > 3:
-                        raise RuntimeError("device lost")
-                    streamer.put(v)
-
-                def end(self):
-                    streamer.end()
-            kw["streamer"] = Faulty()
+            kw["streamer"] = FaultyStreamer(kw["streamer"])
             return real(*args, **kw)
         raise RuntimeError("device lost")
     monkeypatch.setattr(llm, "generate", faulty)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import no_eos, kinds, run
 from mini_gemini.constants import IMAGE_TOKEN_INDEX
 from mini_gemini.engine import Engine, GenOptions
 from mini_gemini.loading import load_pretrained
@@ -19,17 +20,6 @@ RED, BLUE = Image.new("RGB", (40, 24), (220, 30, 30)), Image.new("RGB", (20, 36)
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
-def run(session, *args, **kw):
-    """All events of one turn, plus the finished Turn (or None)."""
-    events = list(session.chat(*args, **kw))
-    done = [e.data for e in events if e.kind == "done"]
-    return events, (done[0] if done else None)
-
-
-def kinds(events, kind):
-    return [e for e in events if e.kind == kind]
-
-
 def reference(model, turns, max_new):
     """Greedy answer from a prompt built from scratch: no engine, no KV cache, images encoded afresh.
 
@@ -62,17 +52,6 @@ def prefill_counter(model):
         if emb is not None:
             counts.append(emb.shape[1])
     return counts, model.llm.register_forward_pre_hook(hook, with_kwargs=True)
-
-
-def no_eos(monkeypatch, model):
-    """Make the model unable to end its answer, so that it runs until max_new_tokens."""
-    real = model.llm.generate
-    stop_ids, _ = Engine._stops(model.tokenizer, model.template.stop_strings)
-
-    def generate(*args, **kw):
-        kw["suppress_tokens"] = sorted(set(kw.get("suppress_tokens") or []) | set(stop_ids))
-        return real(*args, **kw)
-    monkeypatch.setattr(model.llm, "generate", generate)
 
 
 def scripted(monkeypatch, model, *texts):

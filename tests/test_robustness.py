@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from corpus import EXPECT, make_corpus
+from helpers import FaultyStreamer, no_eos, kinds, run
 from mini_gemini import engine as engine_mod
 from mini_gemini.constants import IMAGE_TOKEN_INDEX
 from mini_gemini.engine import MAX_USER_CHARS, Engine, GenOptions
@@ -26,27 +27,6 @@ TYPED = ["<image>", "<start_of_turn>", "<end_of_turn>", "</s>", "<s>", "<eos>", 
 @pytest.fixture(scope="module")
 def vicuna(tiny_checkpoint):
     return load_pretrained(str(tiny_checkpoint("vicuna")), device="cpu")
-
-
-def run(session, *args, **kw):
-    events = list(session.chat(*args, **kw))
-    done = [e.data for e in events if e.kind == "done"]
-    return events, (done[0] if done else None)
-
-
-def kinds(events, kind):
-    return [e for e in events if e.kind == kind]
-
-
-def no_eos(monkeypatch, model):
-    """Make the model unable to end its answer, so that it runs until max_new_tokens."""
-    real = model.llm.generate
-    stop_ids, _ = Engine._stops(model.tokenizer, model.template.stop_strings)
-
-    def generate(*args, **kw):
-        kw["suppress_tokens"] = sorted(set(kw.get("suppress_tokens") or []) | set(stop_ids))
-        return real(*args, **kw)
-    monkeypatch.setattr(model.llm, "generate", generate)
 
 
 def generating_threads():
@@ -170,20 +150,7 @@ def test_control_characters_removed_scripts_and_emoji_survive(vicuna):
 # ---- faults ------------------------------------------------------------------------------------------------
 def _mid_stream_fault(real):
     def generate(*args, **kw):
-        streamer = kw["streamer"]
-
-        class Faulty:  # fails after a few tokens, when the cache is already half written
-            n = 0
-
-            def put(self, v):
-                Faulty.n += 1
-                if Faulty.n > 3:
-                    raise RuntimeError("device lost")
-                streamer.put(v)
-
-            def end(self):
-                streamer.end()
-        kw["streamer"] = Faulty()
+        kw["streamer"] = FaultyStreamer(kw["streamer"])
         return real(*args, **kw)
     return generate
 
