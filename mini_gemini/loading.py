@@ -186,8 +186,8 @@ def resolve(name_or_path: str, revision: str | None = None) -> Path:
         raise ModelLoadError(
             f"{name_or_path} is not in the local Hugging Face cache and the hub cannot be reached. "
             f"On a machine with internet run `hf download {name_or_path}` (it fills the cache that this "
-            f"app reads; copy ~/.cache/huggingface if needed), or pass a local folder. "
-            f"The app starts on the bundled demo model meanwhile. ({type(e).__name__})") from e
+            f"app reads; copy ~/.cache/huggingface if needed), then run with HF_HUB_OFFLINE=1; or pass a local "
+            f"folder. The bundled demo model (`--model demo`) works offline. ({type(e).__name__})") from e
 
 
 # ---- loading --------------------------------------------------------------------------------------
