@@ -63,3 +63,18 @@ def test_a_few_steps_lower_the_loss_then_resume(tmp_path, tiny_checkpoint):
     before, after = load_pretrained(str(out), device="cpu"), load_pretrained(str(tmp_path / "ft"), device="cpu")
     assert torch.equal(before.llm.lm_head.weight, after.llm.lm_head.weight)
     assert not torch.equal(before.mm_projector[0].weight, after.mm_projector[0].weight)
+
+
+def test_hr_pretraining_crops_are_token_windows_around_the_digit():
+    from mini_gemini.train import build_demo_model, hr_crops, pretrain_hr
+    torch.set_num_threads(1)
+    model = build_demo_model(0)
+    x, y = hr_crops(6, 4, model)
+    assert x.shape == (6, 3, 64, 64) and y.shape == (6, 4)  # 2 x 2 windows of 256 / 8 = 32 HR pixels
+    for i in range(6):
+        digit_windows = y[i][(y[i] >= 0) & (y[i] < 10)]
+        assert digit_windows.tolist() == [scene(4, i).digit]  # exactly one window holds the digit's centre
+    before = model.vision_tower_aux.vision_stem[0].weight.clone()
+    acc = pretrain_hr(model, 2, batch_size=4, n_scenes=12, log=lambda *a, **k: None)
+    assert 0.0 <= acc <= 1.0
+    assert not torch.equal(before, model.vision_tower_aux.vision_stem[0].weight)
