@@ -83,3 +83,21 @@ def test_cli_bad_model_path_fails_clearly(tmp_path, capsys):
     code = main(["--model", str(tmp_path / "MGM-missing"), "--prompt", "Hi"])
     assert code != 0
     assert "not found" in capsys.readouterr().err
+
+
+def test_cli_generate_image_writes_png_and_reports_its_prompt(tiny_checkpoint, tiny_sdxl, tmp_path, capsys):
+    from mini_gemini.cli import main
+    images = write_images(tmp_path)[:1]
+    out_dir = tmp_path / "out"
+    code = main(["--model", str(tiny_checkpoint("vicuna")), "--image", str(images[0]), "--prompt", "Draw a cat",
+                 "--generate-image", "--sdxl", str(tiny_sdxl), "--out-dir", str(out_dir), "--json",
+                 "--max-new-tokens", "4", "--seed", "0"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["prompt"].endswith("Draw a cat <GEN> ASSISTANT:")  # the official demo's tag, then the answer
+    from mini_gemini.imagegen import extract_image_prompt
+    assert out["image_prompt"] and extract_image_prompt(out["text"]) == out["image_prompt"]
+    png = Path(out["image_path"])
+    assert png.parent == out_dir and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as im:
+        assert im.mode == "RGB" and im.size == (64, 64)
