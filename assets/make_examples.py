@@ -1,5 +1,7 @@
 """Draw the app's example images: scenes of 3-5 coloured squares, one of them red with a small digit.
 
+The digit is drawn as the synthetic task (mini_gemini/synthetic.py) draws it: 4-7 % of the image side.
+
 The question "What digit is in the red square?" needs detail that a 336 px view barely resolves, which is
 what patch info mining is for (and the task the bundled demo model is trained on).
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import matplotlib
 from PIL import Image, ImageDraw, ImageFont
 
 OUT = Path(__file__).resolve().parent / "examples"
@@ -43,9 +46,12 @@ def draw_scene(width: int, height: int, n: int, digit: str, seed: int) -> Image.
     boxes = _place(rng, width, height, [rng.randint(64, 110) for _ in range(n)])
     for (x, y, s), name in zip(boxes, ["red"] + others):
         draw.rectangle([x, y, x + s - 1, y + s - 1], fill=COLOURS[name])
-        if name == "red":  # the small digit: about 12 px tall, somewhere inside the square
-            font = ImageFont.load_default(size=14)
-            dx, dy = rng.randint(x + 10, x + s - 20), rng.randint(y + 10, y + s - 22)
+        if name == "red":  # the small digit: ~5.5 % of the long side tall (the demo model's task), inside
+            font = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts/ttf/DejaVuSans.ttf"),
+                                      size=round(0.075 * max(width, height)))
+            left, top, right, bottom = draw.textbbox((0, 0), digit, font=font)
+            dx = rng.randint(x + 4 - left, x + s - 4 - right)
+            dy = rng.randint(y + 4 - top, y + s - 4 - bottom)
             draw.text((dx, dy), digit, font=font, fill=(255, 255, 255))
     return img
 
