@@ -11,8 +11,9 @@ A tiny model trained from scratch cannot see anything with random frozen encoder
 
     # the bundled demo model (synthetic small-digit task), from scratch on a CPU
     # (assets/demo-model/README.md has the exact run and its results)
-    python -m mini_gemini.train --init demo --data synthetic --stage 0 --hr-pretrain-steps 4000 --steps 300 \
-        --lr 1e-3 --warmup 0.05 --batch-size 16 --digit-fraction 0.8 --out /tmp/demo-s0
+    python -m mini_gemini.train --init demo --data synthetic --stage 0 --hr-pretrain-steps 8000 \
+        --hr-pretrain-scenes 32000 --steps 300 --lr 1e-3 --warmup 0.05 --batch-size 16 --digit-fraction 0.8 \
+        --out /tmp/demo-s0
     python -m mini_gemini.train --init /tmp/demo-s0 --data synthetic --stage 2 --steps 600 --lr 1e-3 \
         --warmup 0.05 --batch-size 16 --digit-fraction 0.8 --seed 2 --out /tmp/demo-s2
     python -m mini_gemini.train --init /tmp/demo-s2 --eval-only --eval 100     # held-out accuracy

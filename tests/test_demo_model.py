@@ -91,8 +91,5 @@ def test_mining_looks_at_the_digit(heldout):
     assert 0 < heldout["mining_inside_square"] <= 1
 
 
-@pytest.mark.xfail(reason="the shipped demo model reads the digit on ~0.78 of these scenes (LR-only: 0.10), short "
-                          "of 0.85: its HR tower reads ~0.65 of digit windows; see assets/demo-model/README.md",
-                   strict=False)
 def test_reads_small_digits_on_held_out_scenes(heldout):
     assert heldout["accuracy"] >= 0.85, heldout
