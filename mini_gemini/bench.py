@@ -149,7 +149,7 @@ def bench_speed(new_tokens: int = 48) -> dict:
         with torch.no_grad():
             enc = model.encode_images(lr, hr)
             enc.attn.float().cpu(), enc.gain.cpu()
-    t_with, t_without = _interleaved(with_maps, without_maps, 7)
+    t_with, t_without = _interleaved(with_maps, without_maps, 15)
 
     # time to first token: first turn (encode + full prefill) vs follow-up (cached image and KV)
     def first_turn():
