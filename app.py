@@ -568,8 +568,7 @@ def _which(layout: hm.Layout, which) -> str:
 
 def _maps(entry, layout: hm.Layout, which: str, metric: str):
     scores = hm.token_scores(entry.attn.numpy(), metric)
-    gain = hm.assemble(entry.gain.numpy(), layout, which) if entry.gain is not None else None
-    return hm.assemble(scores, layout, which), gain
+    return hm.assemble(scores, layout, which), hm.assemble(entry.gain.numpy(), layout, which)
 
 
 def _panel_images(entry, layout, which, metric, cmap, alpha, mark=None):
@@ -578,8 +577,7 @@ def _panel_images(entry, layout, which, metric, cmap, alpha, mark=None):
     size = hm.display_size(*photo.size)
     box = hm.cell_in_photo(layout, *mark, photo.size, size) if mark else None
     over = hm.overlay(photo, attn_map, cmap=cmap, alpha=alpha, size=size, mark=box)
-    gain = hm.overlay(photo, gain_map, cmap="magma", alpha=alpha, size=size, mark=box) if gain_map is not None \
-        else None
+    gain = hm.overlay(photo, gain_map, cmap="magma", alpha=alpha, size=size, mark=box)
     return over, gain, attn_map, gain_map
 
 
@@ -594,9 +592,8 @@ def _caption(k: int, layout: hm.Layout, which: str, metric: str, attn_map, gain_
             hm.GLOBAL: "the global view over the whole image"}[which]
     return (f"**Image {k}**, {view}: one cell per low-resolution token. Colour = {what}; range "
             f"{attn_map.min():.3f} … {attn_map.max():.3f}. **Mining gain** (right) = |mined − x| / |x|, how much "
-            "the token changed by taking in HR detail; " +
-            (f"range {gain_map.min():.3f} … {gain_map.max():.3f}. " if gain_map is not None else
-             "not reported by this model. ") + "Click the left picture to inspect one token.")
+            f"the token changed by taking in HR detail; range {gain_map.min():.3f} … {gain_map.max():.3f}. "
+            "Click the left picture to inspect one token.")
 
 
 def _image_choices(session) -> list[str]:
@@ -632,7 +629,7 @@ def panel_ui(label, which, metric, cmap, alpha, selected, request: gr.Request, n
     png = ex.new_file(f"mining-image{k}-{which}", ".png")
     over.save(png)
     npz = hm.save_npz(ex.new_file("mining-maps", ".npz"), [im.attn.numpy() for im in session.images],
-                      [im.gain.numpy() for im in session.images if im.gain is not None])
+                      [im.gain.numpy() for im in session.images])
     ex.downloads = [png, Path(npz)]
     zoomed, zoom_text = _zoom(entry, k, layout, *mark, cmap) if mark else \
         (None, "Click a point on the left picture: the LR token there and its HR candidates' weights show here.")
@@ -741,9 +738,7 @@ def heatmap_gallery(session) -> list:
     layout, out = _layout(), []
     for k, entry in enumerate(session.images, 1):
         over, gain, _, _ = _panel_images(entry, layout, hm.CROPS, "focus", "inferno", 0.6)
-        out.append((over, f"Image {k}: mining focus"))
-        if gain is not None:
-            out.append((gain, f"Image {k}: mining gain"))
+        out += [(over, f"Image {k}: mining focus"), (gain, f"Image {k}: mining gain")]
     return out
 
 

@@ -46,11 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def save_mining(path, entries):
-    import numpy as np
-    np.savez(path, **{f"image{i}": im.attn.numpy().astype(np.float32) for i, im in enumerate(entries)})
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .engine import Engine, GenOptions
@@ -97,7 +92,8 @@ def main(argv=None) -> int:
             turn.generated_image.save(image_path)
             print(f"[image written to {image_path}]", file=sys.stderr)
         if args.save_mining and session.images:
-            save_mining(args.save_mining, session.images)
+            from .heatmap import save_npz  # the same image{k} arrays the app's download holds
+            save_npz(args.save_mining, [im.attn.numpy() for im in session.images])
         return image_path
 
     if args.prompt is not None:

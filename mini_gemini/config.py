@@ -146,10 +146,7 @@ class MGMConfig:
             raise ValueError(f"image_aspect_ratio {self.image_aspect_ratio!r} is not supported (only 'pad')")
         aux_map = self.image_size_aux // 4 // self.image_grid
         lr_side = self.vision.image_size // self.vision.patch_size
-        # Without explicit tower shapes the released towers are assumed; say so when the numbers disagree.
-        towers = "" if self.raw.get("mm_vision_tower_config") and self.raw.get("mm_vision_tower_aux_config") else \
-            (" config.json has no mm_vision_tower_config / mm_vision_tower_aux_config, so the towers were taken "
-             "to be the released ones (CLIP ViT-L/14-336, OpenCLIP ConvNeXt-L); for other tower sizes add them.")
+        towers = self.assumed_towers_note
         if aux_map % lr_side:
             raise ValueError(f"config.json does not fit together: the HR map side (image_size_aux {self.image_size_aux}"
                              f" / 4 / image_grid {self.image_grid} = {aux_map}) is not a multiple of the LR tower's "
@@ -158,6 +155,15 @@ class MGMConfig:
         if declared is not None and declared != self.mm_hidden_size_aux:
             raise ValueError(f"config.json says mm_hidden_size_aux={declared} but the HR tower "
                              f"(dims {self.aux_dims}) gives {self.mm_hidden_size_aux}." + towers)
+
+    @property
+    def assumed_towers_note(self) -> str:
+        """Without explicit tower shapes the released towers are assumed: said when the numbers disagree."""
+        if self.raw.get("mm_vision_tower_config") and self.raw.get("mm_vision_tower_aux_config"):
+            return ""
+        return (" config.json has no mm_vision_tower_config / mm_vision_tower_aux_config, so the towers were "
+                "taken to be the released ones (CLIP ViT-L/14-336, OpenCLIP ConvNeXt-L); for other tower sizes "
+                "add those two entries.")
 
     def to_dict(self) -> dict:
         """The official config.json layout: the LLM's fields plus the MGM fields."""

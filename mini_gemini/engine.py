@@ -91,7 +91,7 @@ class ImageEntry:
     image: Any                 # PIL RGB
     tokens: torch.Tensor       # (V*N, D) visual tokens, on the model's device
     attn: torch.Tensor         # (V, N, P*P) mining weights, float32 on CPU
-    gain: torch.Tensor | None  # (V, N) mining gain per LR token, float32 on CPU
+    gain: torch.Tensor         # (V, N) mining gain per LR token, float32 on CPU
     notes: list[str] = field(default_factory=list)
 
 
@@ -463,13 +463,12 @@ class Engine:
             session.kv = None
 
     # ---- model work -----------------------------------------------------------------------------
-    def encode(self, pil) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """One image -> (visual tokens (V*N, D), mining weights (V, N, P*P) float32 CPU, gain (V, N) or None)."""
+    def encode(self, pil) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One image -> (visual tokens (V*N, D), mining weights (V, N, P*P) and gain (V, N), float32 CPU)."""
         views = self.model.processor(pil)
         with self._compute, torch.no_grad():
             enc = self.model.encode_images(views.lr[None], views.hr[None])
-        gain = enc[2][0].float().cpu() if len(enc) > 2 else None
-        return enc[0][0], enc[1][0].float().cpu(), gain
+        return enc.tokens[0], enc.attn[0].float().cpu(), enc.gain[0].float().cpu()
 
     def _build(self, turns: list[PromptTurn]):
         """(Prompt, token ids) for prompt turns, under the tokenizer lock."""

@@ -281,12 +281,7 @@ def load_weights(model: MiniGemini, files, dtype: torch.dtype, plan: dict):
             parts.append(f"missing weights: {show(missing)}")
         if unexpected:
             parts.append(f"unexpected weights: {show(unexpected)}")
-        hint = ""
-        raw = model.config.raw
-        if wrong_shape and not (raw.get("mm_vision_tower_config") and raw.get("mm_vision_tower_aux_config")):
-            hint = (" config.json has no mm_vision_tower_config / mm_vision_tower_aux_config, so the towers were "
-                    "taken to be the released ones (CLIP ViT-L/14-336, OpenCLIP ConvNeXt-L); for other tower "
-                    "sizes add those two entries.")
+        hint = model.config.assumed_towers_note if wrong_shape else ""
         raise ModelLoadError("The checkpoint does not match its config.json — " + "; ".join(parts) +
                              ". Nothing was initialised at random; check that the files are complete." + hint)
     if tied:
