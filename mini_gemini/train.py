@@ -596,15 +596,15 @@ def evaluate(model: MiniGemini, n: int = 200, seed: int = EVAL_SEED, kind: str =
     for i, sc in enumerate(items):
         rng = _random.Random(f"eval-{seed}-{i}")
         q, a = digit_question(sc, rng) if kind == "digit" else other_question(sc, rng)
-        events = list(engine.session().chat(q, [sc.image], options=opts))
+        session = engine.session()
+        events = list(session.chat(q, [sc.image], options=opts))
         done = [e for e in events if e.kind == "done"]
         got = done[0].data.assistant if done else ""
         right += got.strip().rstrip(".").lower() == a.lower()
         rows.append((q, a, got))
-        if kind == "digit":
-            v = model.processor(sc.image)
-            enc = model.encode_images(v.lr[None], v.hr[None])
-            focus.append(mining_focus(model, sc, enc.attn[0, 0].float().cpu()))
+        if kind == "digit":  # the mining maps the engine kept when it encoded the image
+            focus.append(mining_focus(model, sc, session.images[0].attn[0]))
+        engine.end_session(session.id)
         if progress and (i + 1) % 50 == 0:
             print(f"  {i + 1}/{len(items)}: acc {right / (i + 1):.3f}", flush=True)
     res = dict(accuracy=right / len(items), n=len(items), examples=rows[:5])
