@@ -424,7 +424,7 @@ def run_turn(session, ex: Extras, text: str, files: list, generate_image: bool, 
                 live.user = (live.user + "\n\n" if live.user else "") + f"(file: {Path(str(path)).name})"
                 live.error = where + _image_error(e)
                 break
-            images.append(loaded.image)
+            images.append(loaded)  # the engine takes the decoded image and its key as they are
             live.files.append(ex.show(loaded.image, loaded.key))
             live.notices += [f"Image {live.first + k}: {n}." for n in loaded.notes]
         if live.error is not None:

@@ -37,7 +37,7 @@ import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from .constants import GEN_TAG, IMAGE_PROMPT_CLOSE, IMAGE_PROMPT_OPEN, IMAGE_TOKEN_INDEX
-from .images import ImageError, load_image
+from .images import ImageError, LoadedImage, load_image
 from .templates import Turn as PromptTurn
 from .templates import build_prompt, tokenize
 
@@ -552,6 +552,9 @@ class ChatSession:
              options: GenOptions | None = None) -> Iterator[Event]:
         """Add a user turn (text and any images) and stream the answer.
 
+        Images: paths, bytes, file objects or PIL images (decoded by `images.load_image`), or
+        `LoadedImage`s a caller has decoded already.
+
         An empty message without images does nothing. Problems (an unreadable image, a message that
         cannot fit, a model failure) end the turn with one "error" event and leave the history as it was.
         """
@@ -635,6 +638,9 @@ class ChatSession:
         loaded = []
         for k, src in enumerate(sources):
             where = f"Image {k + 1} of {len(sources)}: " if len(sources) > 1 else ""
+            if isinstance(src, LoadedImage):  # decoded (and hashed) by the caller already: not again
+                loaded.append(src)
+                continue
             try:
                 loaded.append(load_image(src))
             except ImageError as e:
