@@ -612,6 +612,7 @@ def _entry(session, label):
 def panel_ui(label, which, metric, cmap, alpha, selected, request: gr.Request, new_turn: bool = False):
     """Re-draw the mining panel (after a turn, or when a control changed); a clicked token stays selected."""
     session, ex = session_of(request)
+    drawn_for = tuple(map(id, session.images))
     choices = _image_choices(session)
     if new_turn or label not in choices:
         label = choices[-1] if choices else None
@@ -624,6 +625,10 @@ def panel_ui(label, which, metric, cmap, alpha, selected, request: gr.Request, n
     which = _which(layout, which)
     mark = tuple(selected[1:]) if selected and selected[0] == (entry.key, which) else None
     over, gain, attn_map, gain_map = _panel_images(entry, layout, which, metric, cmap, float(alpha), mark)
+    if tuple(map(id, session.images)) != drawn_for:
+        # Undo/Clear/a new turn changed the conversation while this was drawn: its own redraw is queued
+        # behind, so leave the panel alone rather than let a stale picture land after it.
+        return tuple(gr.skip() for _ in range(9))
     for old in ex.downloads:
         old.unlink(missing_ok=True)
     png = ex.new_file(f"mining-image{k}-{which}", ".png")
