@@ -5,15 +5,15 @@
     session = Engine(model).session()
     for event in session.chat("What is written here?", ["photo.jpg"]): ...
 """
-from .config import MGMConfig
-from .loading import ModelLoadError, load_pretrained, save_pretrained
-from .model import MiniGemini
+from .modeling.config import MGMConfig
+from .modeling.loading import ModelLoadError, load_pretrained, save_pretrained
+from .modeling.model import MiniGemini
 
 __all__ = ["MGMConfig", "MiniGemini", "ModelLoadError", "load_pretrained", "save_pretrained", "Engine"]
 
 
 def __getattr__(name):  # the engine pulls in image decoding; import it on first use
     if name == "Engine":
-        from .engine import Engine
+        from .chat.engine import Engine
         return Engine
     raise AttributeError(name)

@@ -39,7 +39,7 @@ def mgm_2b_config() -> dict:
     """MGM-2B's config.json fields that fix its shapes (Gemma-2B + CLIP-L/336 + ConvNeXt-L at 768)."""
     from transformers import GemmaConfig
 
-    from .config import DEFAULT_VISION_TOWER, DEFAULT_VISION_TOWER_AUX
+    from .modeling.config import DEFAULT_VISION_TOWER, DEFAULT_VISION_TOWER_AUX
     cfg = GemmaConfig(vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
                       num_attention_heads=8, num_key_value_heads=1, head_dim=256, max_position_embeddings=8192,
                       tie_word_embeddings=True).to_dict()
@@ -57,10 +57,10 @@ def write_random_checkpoint(out: Path, cfg: dict, dtype=torch.bfloat16, shard_by
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    from .config import MGMConfig
-    from .loading import official_state_dict
-    from .model import MiniGemini
-    from .tiny_tokenizer import build_tokenizer
+    from .modeling.config import MGMConfig
+    from .modeling.loading import official_state_dict
+    from .modeling.model import MiniGemini
+    from .testing.tiny_tokenizer import build_tokenizer
     out.mkdir(parents=True, exist_ok=True)
     with init_empty_weights():
         model = MiniGemini(MGMConfig.from_dict(cfg))
@@ -84,7 +84,7 @@ def write_random_checkpoint(out: Path, cfg: dict, dtype=torch.bfloat16, shard_by
 
 _MEASURE = r"""
 import json, sys, threading, time, torch
-from mini_gemini.loading import load_pretrained
+from mini_gemini.modeling.loading import load_pretrained
 def rss():
     with open('/proc/self/status') as f:
         return {l.split(':')[0]: int(l.split()[1]) * 1024 for l in f if l.startswith(('VmRSS', 'VmHWM'))}
@@ -116,7 +116,7 @@ def bench_load_memory(workdir: Path) -> dict:
 # ---- speed ----------------------------------------------------------------------------------------
 def speed_model():
     """A CPU-sized MGM: real CLIP/ConvNeXt/Llama classes, 336/768 px inputs, a 512-wide 6-layer LLM."""
-    from .tiny import build_tiny
+    from .testing.tiny import build_tiny
     return build_tiny("vicuna", clip=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                                           num_attention_heads=4, image_size=336, patch_size=14),
                       convnext=dict(depths=[1, 1, 3, 1], dims=[48, 96, 192, 384]), image_size_aux=768,
@@ -128,7 +128,7 @@ def bench_speed(new_tokens: int = 48) -> dict:
     import numpy as np
     from PIL import Image
 
-    from .engine import Engine, GenOptions
+    from .chat.engine import Engine, GenOptions
     torch.manual_seed(0)
     model = speed_model()
     engine = Engine(model)

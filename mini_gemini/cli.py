@@ -14,12 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-DEMO_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
-
-
-def resolve_model_name(name: str) -> str:
-    """`demo` is the small model bundled with the project (assets/demo-model)."""
-    return str(DEMO_MODEL) if name == "demo" else name
+from .resources import resolve_model_name  # noqa: F401 - `demo` -> the bundled model's folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .engine import Engine, GenOptions
-    from .loading import ModelLoadError, load_pretrained
+    from .chat.engine import Engine, GenOptions
+    from .modeling.loading import ModelLoadError, load_pretrained
     try:
         model = load_pretrained(resolve_model_name(args.model), device=args.device, dtype=args.dtype,
                                 load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
@@ -92,7 +87,7 @@ def main(argv=None) -> int:
             turn.generated_image.save(image_path)
             print(f"[image written to {image_path}]", file=sys.stderr)
         if args.save_mining and session.images:
-            from .heatmap import save_npz  # the same image{k} arrays the app's download holds
+            from .viz.heatmap import save_npz  # the same image{k} arrays the app's download holds
             save_npz(args.save_mining, [im.attn.numpy() for im in session.images])
         return image_path
 

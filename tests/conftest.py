@@ -1,26 +1,22 @@
 """Shared fixtures: tiny checkpoints in the official layout, written once per test session."""
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
 
 import torch  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: one thread is fastest on small shared machines
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """tiny_checkpoint(family, hd=False, seed=0) -> folder with a tiny MGM in the official layout."""
-    from mini_gemini.loading import save_pretrained
-    from mini_gemini.tiny import build_tiny
+    from mini_gemini.modeling.loading import save_pretrained
+    from mini_gemini.testing.tiny import build_tiny
     made = {}
 
     def make(family: str, hd: bool = False, seed: int = 0) -> Path:
@@ -36,5 +32,5 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
     """Folder with a tiny random Stable Diffusion XL pipeline (diffusers layout)."""
-    from mini_gemini.tiny_sdxl import build_tiny_sdxl
+    from mini_gemini.testing.tiny_sdxl import build_tiny_sdxl
     return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl-tiny"), seed=0)

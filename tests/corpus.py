@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mini_gemini.images import MAX_FILE_BYTES
+from mini_gemini.inputs.images import MAX_FILE_BYTES
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
 ANIMATED = "animated image: only the first frame is used"

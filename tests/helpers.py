@@ -1,5 +1,5 @@
 """Small helpers shared by the engine, robustness and API tests."""
-from mini_gemini.engine import Engine
+from mini_gemini.chat.engine import Engine
 
 
 def run(session, *args, **kw):

@@ -21,8 +21,8 @@ from PIL import Image
 from corpus import EXPECT, make_corpus
 from helpers import FaultyStreamer
 from mini_gemini.constants import IMAGE_TOKEN_INDEX
-from mini_gemini.engine import MAX_USER_CHARS
-from mini_gemini.images import MAX_FILE_BYTES, image_key
+from mini_gemini.chat.engine import MAX_USER_CHARS
+from mini_gemini.inputs.images import MAX_FILE_BYTES, image_key
 
 ROOT = Path(__file__).resolve().parents[1]
 HELLO = "What colour is the square?"
@@ -52,7 +52,7 @@ def srv(tiny_checkpoint):
     """The real `app.main` (options, queue, launch limits and all), launched without blocking."""
     import gradio as gr
 
-    import app
+    from mini_gemini.ui import app
     launched = {}
     real_launch = gr.Blocks.launch
 
@@ -325,7 +325,7 @@ def test_file_routes_serve_nothing_outside_gradios_folders(srv, tmp_path):
     (copy,) = srv.app.EXTRAS[c.session_hash].display.values()  # the app's own copy of this user's picture
     note = tmp_path / "notes.txt"  # in the temp folder, where Gradio takes the app's *outputs* from
     note.write_text("TOP SECRET 42")
-    secrets = {"/etc/passwd": b"root:", str(ROOT / "app.py"): b"def api_chat", str(note): b"TOP SECRET",
+    secrets = {"/etc/passwd": b"root:", str(ROOT / "mini_gemini" / "ui" / "app.py"): b"def api_chat", str(note): b"TOP SECRET",
                copy: b"\x89PNG"}
     up, back = gradio.utils.get_upload_folder(), "../" * 8
     for path, marker in secrets.items():

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mini_gemini import heatmap as hm
+from mini_gemini.viz import heatmap as hm
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "assets" / "examples" / "squares-1.png"
@@ -28,7 +28,7 @@ FOLLOW_UP = "And which colour is the largest square?"
 # ---- geometry of the maps ---------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [(200, 100), (101, 300), (64, 64), (7, 2)])
 def test_pad_box_is_where_preprocessing_puts_the_photo(size):
-    from mini_gemini.preprocess import expand_to_square
+    from mini_gemini.modeling.image_processing import expand_to_square
     left, top, side = hm.pad_box(*size)
     square = expand_to_square(Image.new("RGB", size, (255, 0, 0)), (0, 0, 0))
     assert square.size == (side, side)
@@ -132,8 +132,7 @@ def test_npz_holds_the_raw_maps(tmp_path):
 # ---- text shown as text, options, start-up fallback ----------------------------------------------
 @pytest.fixture(scope="module")
 def app_module():
-    sys.path.insert(0, str(ROOT))
-    import app
+    from mini_gemini.ui import app
     return app
 
 

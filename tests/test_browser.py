@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mini_gemini import heatmap as hm
+from mini_gemini.viz import heatmap as hm
 from test_app import EXAMPLE, QUESTION, ROOT, start_app
 
 SHOTS = ROOT / "artifacts" / "screenshots"
@@ -102,7 +102,7 @@ def test_chat_heatmap_zoom_image_and_markup(browser_page, tiny_checkpoint):
 
     # 3. click the centre of one LR token's cell: that token's candidates appear, zoomed
     config = json.loads((tiny_checkpoint("vicuna") / "config.json").read_text())
-    from mini_gemini.config import MGMConfig
+    from mini_gemini.modeling.config import MGMConfig
     layout = hm.Layout.from_config(MGMConfig.from_dict(config))
     token = 2 * layout.side + 2                                    # row 2, column 2: holds part of the red square
     x0, y0, x1, y1 = hm.cell_in_photo(layout, 0, token, (512, 384))

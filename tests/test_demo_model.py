@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from mini_gemini.synthetic import Scene, Square
+from mini_gemini.training.synthetic import Scene, Square
 
 DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
 PURE = {"red": (255, 0, 0), "green": (0, 170, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
@@ -66,7 +66,7 @@ def test_shipped_files_are_small_and_complete():
 
 
 def _chat(model, question, image):
-    from mini_gemini.engine import Engine, GenOptions
+    from mini_gemini.chat.engine import Engine, GenOptions
     events = list(Engine(model).session().chat(question, [image], options=GenOptions(temperature=0, max_new_tokens=4)))
     return [e for e in events if e.kind == "done"][0].data.assistant.strip()
 
@@ -81,7 +81,7 @@ def test_answers_with_a_numeral_through_the_public_path(demo):
 
 @pytest.fixture(scope="module")
 def heldout(demo):
-    from mini_gemini.train import evaluate
+    from mini_gemini.training.train import evaluate
     return evaluate(demo, scenes=[other_layout(random.Random(f"heldout-{i}")) for i in range(40)])
 
 

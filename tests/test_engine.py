@@ -9,11 +9,11 @@ from PIL import Image
 
 from helpers import no_eos, kinds, run
 from mini_gemini.constants import IMAGE_TOKEN_INDEX
-from mini_gemini.engine import Engine, GenOptions
-from mini_gemini.loading import load_pretrained
-from mini_gemini.templates import Turn as PromptTurn
-from mini_gemini.templates import build_prompt, tokenize
-from mini_gemini.tiny import build_tiny
+from mini_gemini.chat.engine import Engine, GenOptions
+from mini_gemini.modeling.loading import load_pretrained
+from mini_gemini.chat.templates import Turn as PromptTurn
+from mini_gemini.chat.templates import build_prompt, tokenize
+from mini_gemini.testing.tiny import build_tiny
 
 GREEDY = GenOptions(temperature=0.0, max_new_tokens=8)
 RED, BLUE = Image.new("RGB", (40, 24), (220, 30, 30)), Image.new("RGB", (20, 36), (30, 30, 220))

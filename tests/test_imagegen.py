@@ -13,7 +13,7 @@ from PIL import Image
 
 from mini_gemini.imagegen import (DEFAULT_SDXL, NEGATIVE_PROMPT, ImageGenError, ImageGenerator,
                                   extract_image_prompt)
-from mini_gemini.tiny_sdxl import IMAGE_SIZE, build_tiny_sdxl
+from mini_gemini.testing.tiny_sdxl import IMAGE_SIZE, build_tiny_sdxl
 
 
 # ------------------------------------------------------------------------------------- prompt extraction

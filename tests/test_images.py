@@ -10,8 +10,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from corpus import EXPECT, make_corpus, png_header_only
-from mini_gemini import images
-from mini_gemini.images import ImageError, LoadedImage, image_key, load_image
+from mini_gemini.inputs import images
+from mini_gemini.inputs.images import ImageError, LoadedImage, image_key, load_image
 
 
 @pytest.fixture(scope="module")

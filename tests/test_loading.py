@@ -8,9 +8,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mini_gemini.config import MGMConfig
-from mini_gemini.loading import ModelLoadError, load_pretrained, save_pretrained
-from mini_gemini.tiny import build_tiny
+from mini_gemini.modeling.config import MGMConfig
+from mini_gemini.modeling.loading import ModelLoadError, load_pretrained, save_pretrained
+from mini_gemini.testing.tiny import build_tiny
 
 
 def stored_keys(folder) -> set:

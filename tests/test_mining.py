@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mini_gemini.mining import PatchInfoMining, windows
+from mini_gemini.modeling.mining import PatchInfoMining, windows
 
 SIDE, P, C, CA = 3, 2, 8, 6   # 3 x 3 LR tokens, each mining a 2 x 2 window of a 6 x 6 HR map
 

@@ -11,9 +11,9 @@ from PIL import Image
 from reference import FAMILY_TEMPLATE, Reference, official_prompt
 
 from mini_gemini.constants import IMAGE_TOKEN_INDEX
-from mini_gemini.loading import load_pretrained, save_pretrained
-from mini_gemini.preprocess import ImageProcessor
-from mini_gemini.tiny import build_tiny
+from mini_gemini.modeling.loading import load_pretrained, save_pretrained
+from mini_gemini.modeling.image_processing import ImageProcessor
+from mini_gemini.testing.tiny import build_tiny
 
 FILL = (122, 116, 104)  # int(CLIP mean * 255)
 QUESTION = "What is in the image?"
@@ -194,8 +194,8 @@ def test_family_and_template_come_from_config_not_path(family, folder_name, llm_
                                        ("mistral", False), ("mixtral", False), ("yi", False),
                                        ("llama3", True)])
 def test_matches_reference(family, hd, spiced_checkpoint):
-    from mini_gemini.engine import Engine, GenOptions
-    from mini_gemini.templates import Turn, build_prompt, tokenize
+    from mini_gemini.chat.engine import Engine, GenOptions
+    from mini_gemini.chat.templates import Turn, build_prompt, tokenize
     folder = spiced_checkpoint(family, hd)
     model = load_pretrained(str(folder), device="cpu", dtype=torch.float32)
     ref = Reference(folder)

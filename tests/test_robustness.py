@@ -12,10 +12,10 @@ from PIL import Image
 
 from corpus import EXPECT, make_corpus
 from helpers import FaultyStreamer, no_eos, kinds, run
-from mini_gemini import engine as engine_mod
+from mini_gemini.chat import engine as engine_mod
 from mini_gemini.constants import IMAGE_TOKEN_INDEX
-from mini_gemini.engine import MAX_USER_CHARS, Engine, GenOptions
-from mini_gemini.loading import load_pretrained
+from mini_gemini.chat.engine import MAX_USER_CHARS, Engine, GenOptions
+from mini_gemini.modeling.loading import load_pretrained
 
 GREEDY = GenOptions(temperature=0.0, max_new_tokens=6)
 SHORT = GenOptions(temperature=0.0, max_new_tokens=2)

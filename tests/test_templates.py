@@ -12,8 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 from mini_gemini.constants import IMAGE_TOKEN_INDEX
-from mini_gemini.templates import TEMPLATES, Turn, build_prompt, select_template, tokenize
-from mini_gemini.tiny_tokenizer import FAMILIES, build_tokenizer, family_template
+from mini_gemini.chat.templates import TEMPLATES, Turn, build_prompt, select_template, tokenize
+from mini_gemini.testing.tiny_tokenizer import FAMILIES, build_tokenizer, family_template
 
 VICUNA_SYS = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
               "helpful, detailed, and polite answers to the user's questions.")
@@ -236,7 +236,7 @@ def test_tiny_tokenizer_family_behaviour(family, tokenizers, tmp_path):
 
 
 def test_family_templates_and_determinism():
-    from mini_gemini import tiny_tokenizer
+    from mini_gemini.testing import tiny_tokenizer
 
     assert {f: family_template(f) for f in FAMILIES} == {
         "gemma": "gemma", "vicuna": "vicuna_v1", "llama3": "llama_3", "mistral": "mistral_instruct",

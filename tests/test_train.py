@@ -3,10 +3,10 @@ import json
 
 import torch
 
-from mini_gemini.synthetic import sample, scene, token_targets, write_llava_json
-from mini_gemini.templates import Turn
-from mini_gemini.tiny import build_tiny
-from mini_gemini.train import IGNORE_INDEX, encode_conversation, llava_turns, main
+from mini_gemini.training.synthetic import sample, scene, token_targets, write_llava_json
+from mini_gemini.chat.templates import Turn
+from mini_gemini.testing.tiny import build_tiny
+from mini_gemini.training.train import IGNORE_INDEX, encode_conversation, llava_turns, main
 
 
 def test_synthetic_is_deterministic_and_well_formed():
@@ -66,7 +66,7 @@ def test_a_few_steps_lower_the_loss_then_resume(tmp_path, tiny_checkpoint):
 
 
 def test_hr_pretraining_crops_are_token_windows_around_the_digit():
-    from mini_gemini.train import build_demo_model, hr_crops, pretrain_hr
+    from mini_gemini.training.train import build_demo_model, hr_crops, pretrain_hr
     torch.set_num_threads(1)
     model = build_demo_model(0)
     x, y = hr_crops(6, 4, model)

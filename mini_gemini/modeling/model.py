@@ -19,7 +19,7 @@ from transformers import (CLIPVisionModel, GemmaForCausalLM, LlamaForCausalLM, M
                           MixtralForCausalLM)
 
 from .config import MGMConfig
-from .constants import IMAGE_TOKEN_INDEX
+from ..constants import IMAGE_TOKEN_INDEX
 from .mining import PatchInfoMining
 
 LLM_CLASSES = {"gemma": GemmaForCausalLM, "llama": LlamaForCausalLM, "mistral": MistralForCausalLM,

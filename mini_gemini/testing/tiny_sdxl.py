@@ -6,7 +6,7 @@ Euler scheduler) and saved in the diffusers layout, so that `StableDiffusionXLPi
 and everything downstream of it run unchanged. The pictures it draws are noise; what matters is that the
 plumbing (prompt encoding, conditioning shapes, sampling, decoding) is the real one.
 
-    from mini_gemini.tiny_sdxl import build_tiny_sdxl
+    from mini_gemini.testing.tiny_sdxl import build_tiny_sdxl
     build_tiny_sdxl("/tmp/tiny-sdxl")   # then ImageGenerator("/tmp/tiny-sdxl")
 """
 

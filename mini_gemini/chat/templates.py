@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .constants import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from ..constants import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
 # ----------------------------------------------------------------------------------------------------
 # templates

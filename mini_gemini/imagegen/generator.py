@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from .constants import IMAGE_PROMPT_CLOSE, IMAGE_PROMPT_OPEN
+from ..constants import IMAGE_PROMPT_CLOSE, IMAGE_PROMPT_OPEN
 
 DEFAULT_SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 

@@ -18,7 +18,7 @@ from accelerate.utils import set_module_tensor_to_device
 
 from .config import MGMConfig
 from .model import MiniGemini
-from .preprocess import ImageProcessor
+from .image_processing import ImageProcessor
 
 # official prefix <-> our module path; anything else belongs to the LLM (`llm.` + its own name)
 _PREFIXES = [
@@ -319,7 +319,7 @@ def load_pretrained(name_or_path: str, *, device: str | None = None, dtype: torc
 
     device_map: None (everything on `device`), "auto" (accelerate spreads it over GPUs and CPU), or a dict.
     """
-    from .templates import select_template
+    from ..chat.templates import select_template
     folder = resolve(str(name_or_path), revision)
     cfg_path = folder / "config.json"
     if not cfg_path.exists():

@@ -1,0 +1,1 @@
+"""Conversations over a loaded model: templates and tokenisation, sessions, streaming, caches, image turns."""

@@ -1,0 +1,3 @@
+"""Images from prompts the LLM writes: `<h>...</h>` extraction and the SDXL pipeline (diffusers)."""
+from .generator import (DEFAULT_SDXL, NEGATIVE_PROMPT, ImageGenerator, ImageGenError,  # noqa: F401
+                        extract_image_prompt)

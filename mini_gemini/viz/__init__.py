@@ -1,0 +1,1 @@
+"""Pictures of what the model did: mining heatmaps laid over the photo."""
