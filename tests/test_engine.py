@@ -268,7 +268,7 @@ def test_diffusion_failure_or_missing_pipeline_keeps_the_text_answer(vicuna, tmp
         def generate(self, prompt, **kw):
             raise RuntimeError("CUDA error: device-side assert")
     for gen, note in [(ImageGenerator(str(tmp_path / "no-sdxl"), device="cpu"), "does not exist"),
-                      (Broken(), "device-side assert"), (None, "not available")]:
+                      (Broken(), "device-side assert"), (None, "not enabled")]:
         events, turn = run(Engine(vicuna, gen).session(), "Draw a dog.", generate_image=True, options=GREEDY)
         assert turn is not None and not kinds(events, "error") and not kinds(events, "image")
         assert turn.assistant is not None and turn.image_prompt

@@ -12,7 +12,7 @@ from PIL import Image
 
 from corpus import EXPECT, make_corpus
 from helpers import FaultyStreamer, no_eos, kinds, run
-from mini_gemini.chat import engine as engine_mod
+from mini_gemini.chat import session as session_mod
 from mini_gemini.constants import IMAGE_TOKEN_INDEX
 from mini_gemini.chat.engine import MAX_USER_CHARS, Engine, GenOptions
 from mini_gemini.modeling.loading import load_pretrained
@@ -208,7 +208,7 @@ def test_consumer_that_leaves_stops_generation(vicuna, monkeypatch):
 
 def test_second_turn_on_a_busy_session_is_refused_clearly(vicuna, monkeypatch):
     no_eos(monkeypatch, vicuna)
-    monkeypatch.setattr(engine_mod, "BUSY_WAIT_S", 0.05)
+    monkeypatch.setattr(session_mod, "BUSY_WAIT_S", 0.05)
     s = Engine(vicuna).session()
     gen = s.chat("Long story", options=GenOptions(temperature=0, max_new_tokens=1500))
     next(ev for ev in gen if ev.kind == "delta")

@@ -1,0 +1,144 @@
+"""The image-generation part of a turn: find (or have the LLM write) the image prompt, then draw it."""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import TYPE_CHECKING, Iterator
+
+from ..constants import IMAGE_PROMPT_CLOSE, IMAGE_PROMPT_OPEN
+from ..imagegen import ImageGenError, extract_image_prompt
+from .failures import explain, free_memory
+from .generation import LLMRun, items
+from .types import Event, GenOptions, Note, Turn
+
+if TYPE_CHECKING:
+    from .session import ChatSession
+
+MAX_IMAGE_PROMPT_TOKENS = 77  # SDXL's text encoders read 77 tokens
+
+
+class _Stopped(Exception):
+    """Raised from SDXL's progress callback to stop a drawing nobody waits for any more."""
+
+
+def generate_image(session: ChatSession, turn: Turn, ids, images, options: GenOptions) -> Iterator[Event]:
+    prompt = extract_image_prompt(turn.assistant)
+    if prompt is None:
+        prompt = yield from write_image_prompt(session, turn, ids, images, options)
+        if prompt is None:
+            return
+    turn.image_prompt = prompt
+    yield from draw(session, turn, prompt, options)
+
+def write_image_prompt(session: ChatSession, turn: Turn, ids, images, options: GenOptions):
+    """The model wrote no complete <h>...</h>: continue its answer, from a forced "<h>" or from its
+    own unclosed one, so that the LLM itself writes the image prompt (small checkpoints often skip
+    the tag). Returns the prompt, or None when no image is to be drawn."""
+    eng = session.engine
+    tok = eng.model.tokenizer
+    answer = turn.assistant
+    unclosed = answer.rfind(IMAGE_PROMPT_OPEN) > answer.rfind(IMAGE_PROMPT_CLOSE)  # cut off mid-prompt
+    with eng._tok_lock:
+        opener = [] if unclosed else tok(IMAGE_PROMPT_OPEN, add_special_tokens=False).input_ids
+        head = tok.decode(turn.token_ids + opener, skip_special_tokens=True).strip()
+        specials = sorted(set(tok.all_special_ids))
+    lead = head[len(answer):] if head.startswith(answer) else \
+        "" if unclosed else (" " if answer else "") + IMAGE_PROMPT_OPEN
+    cont = ids + turn.token_ids + opener
+    room = eng.max_context - len(items(cont, images))
+    if room >= 2:
+        # special tokens are suppressed: the model cannot end its turn before it closed the prompt
+        run = LLMRun(session, cont, images, options, min(MAX_IMAGE_PROMPT_TOKENS, room), lstrip=False,
+                      anchor=turn.token_ids + opener,
+                      stop_texts=(IMAGE_PROMPT_CLOSE,), extra=dict(suppress_tokens=specials))
+        started = False
+        try:
+            for delta in run:
+                if not started:
+                    started = True
+                    yield Event("delta", lead)
+                yield Event("delta", delta)
+        except GeneratorExit:
+            run.abort()
+            turn.cancelled = True
+            raise
+        except Exception as e:  # noqa: BLE001
+            run.abort()
+            session.kv = None
+            free_memory(e)
+            turn.notes.append(Note("image_prompt", f"Could not write an image prompt: {explain(e)}"))
+            yield Event("notice", turn.notes[-1])
+            return None
+        wrote = bool(run.text.strip())
+        if wrote:
+            turn.token_ids = turn.token_ids + opener + run.ids
+            turn.assistant = answer + lead + run.text
+        if session._cancel.is_set():
+            turn.cancelled = True
+            turn.notes.append(Note("stopped", "stopped"))
+            yield Event("notice", "Stopped; no image was drawn.")
+            return None
+        if wrote:
+            turn.assistant += IMAGE_PROMPT_CLOSE
+            yield Event("delta", IMAGE_PROMPT_CLOSE)
+            prompt = extract_image_prompt(turn.assistant)
+            if prompt:
+                return prompt
+    fallback = turn.user.strip()
+    if not fallback:
+        turn.notes.append(Note("image_prompt", "The model wrote no image prompt, so no image was drawn."))
+        yield Event("notice", turn.notes[-1])
+        return None
+    turn.notes.append(Note("image_prompt", "The model wrote no image prompt; your message was used instead."))
+    yield Event("notice", turn.notes[-1])
+    return fallback
+
+def draw(session: ChatSession, turn: Turn, prompt: str, options: GenOptions) -> Iterator[Event]:
+    gen = session.engine.imagegen
+    if gen is None:
+        turn.notes.append(Note("imagegen_off", "Image generation is not enabled on this server; the text answer is kept."))
+        yield Event("notice", turn.notes[-1])
+        return
+    yield Event("progress", "Generating the image…", 0.0)
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    gone = threading.Event()
+
+    def report(fraction, message=""):
+        if gone.is_set() or session._cancel.is_set():
+            raise _Stopped("stopped")
+        events.put(("progress", fraction, message))
+
+    def work():
+        try:
+            kw = dict(steps=options.steps, guidance=options.guidance, seed=options.image_seed,
+                      width=options.width, height=options.height)
+            if options.negative_prompt is not None:
+                kw["negative_prompt"] = options.negative_prompt
+            events.put(("image", gen.generate(prompt, progress=report, **kw), ""))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            events.put(("error", e, ""))
+
+    worker = threading.Thread(target=work, daemon=True, name=f"mgm-sdxl-{session.id[:8]}")
+    worker.start()
+    try:
+        while True:
+            kind, value, msg = events.get()
+            if kind != "progress":
+                break
+            yield Event("progress", msg or "Generating the image…", float(value))
+    except GeneratorExit:
+        gone.set()  # the drawing stops at its next step; nobody waits for it
+        raise
+    worker.join()
+    if kind == "image":
+        turn.generated_image = value
+        yield Event("image", prompt, value)
+    elif session._cancel.is_set():
+        turn.cancelled = True
+        turn.notes.append(Note("stopped", "Image generation stopped; the text answer is kept."))
+        yield Event("notice", turn.notes[-1])
+    else:
+        why = str(value) if isinstance(value, ImageGenError) else explain(value)
+        turn.notes.append(Note("imagegen", f"Image generation failed: {why} The text answer is kept."))
+        yield Event("notice", turn.notes[-1])
+
