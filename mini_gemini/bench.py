@@ -136,8 +136,8 @@ def bench_speed(new_tokens: int = 48) -> dict:
     greedy = dict(temperature=0.0)
 
     # mining overhead: the encoder with maps kept (what the engine runs) vs a pass that drops them
-    views = model.processor(img)
-    lr, hr = views.lr[None], views.hr[None]
+    views = model.processor.image_processor(img)
+    lr, hr = views.pixel_values[None], views.pixel_values_aux[None]
 
     def without_maps():
         with torch.no_grad():

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
                               "notes": turn.notes}, ensure_ascii=False))
         return 0
 
-    print(f"Mini-Gemini ({model.config.family}, template {model.template.name}). Empty line or Ctrl-D to quit; "
+    print(f"Mini-Gemini ({model.config.family}, template {model.processor.template.name}). Empty line or Ctrl-D to quit; "
           "'/image PATH' adds an image to your next message.", file=sys.stderr)
     pending = list(args.image)
     while True:

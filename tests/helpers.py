@@ -33,7 +33,7 @@ class FaultyStreamer:
 def no_eos(monkeypatch, model):
     """Make the model unable to end its answer, so that it runs until max_new_tokens."""
     real = model.llm.generate
-    stop_ids, _ = Engine._stops(model.tokenizer, model.template.stop_strings)
+    stop_ids, _ = Engine._stops(model.processor.tokenizer, model.processor.template.stop_strings)
 
     def generate(*args, **kw):
         kw["suppress_tokens"] = sorted(set(kw.get("suppress_tokens") or []) | set(stop_ids))

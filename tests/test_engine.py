@@ -24,19 +24,19 @@ def reference(model, turns, max_new):
     """Greedy answer from a prompt built from scratch: no engine, no KV cache, images encoded afresh.
 
     turns: [(user, [PIL images], assistant or None)]."""
-    prompt = build_prompt(model.template, [PromptTurn(u, len(ims), a) for u, ims, a in turns])
-    ids = tokenize(prompt, model.tokenizer)
+    prompt = build_prompt(model.processor.template, [PromptTurn(u, len(ims), a) for u, ims, a in turns])
+    ids = tokenize(prompt, model.processor.tokenizer)
     feats = []
     for _, ims, _ in turns:
         for im in ims:
-            v = model.processor(im)
-            feats.append(model.encode_images(v.lr[None], v.hr[None])[0][0])
-    stop_ids, _ = Engine._stops(model.tokenizer, model.template.stop_strings)
+            v = model.processor.image_processor(im)
+            feats.append(model.encode_images(v.pixel_values[None], v.pixel_values_aux[None])[0][0])
+    stop_ids, _ = Engine._stops(model.processor.tokenizer, model.processor.template.stop_strings)
     with torch.no_grad():
         emb = model.embed(ids, feats)
         out = model.llm.generate(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long),
                                  max_new_tokens=max_new, do_sample=False, temperature=None, top_p=None, top_k=None,
-                                 eos_token_id=stop_ids, pad_token_id=model.tokenizer.pad_token_id)
+                                 eos_token_id=stop_ids, pad_token_id=model.processor.tokenizer.pad_token_id)
     new = out[0].tolist()
     while new and new[-1] in stop_ids:
         new.pop()
@@ -60,7 +60,7 @@ def scripted(monkeypatch, model, *texts):
     calls = []
 
     def generate(**kw):
-        ids = model.tokenizer(texts[len(calls)], add_special_tokens=False).input_ids
+        ids = model.processor.tokenizer(texts[len(calls)], add_special_tokens=False).input_ids
         calls.append(kw)
         kw["streamer"].put(torch.zeros(1, 0, dtype=torch.long))
         for i in ids:
@@ -134,7 +134,7 @@ def test_text_stop_strings_end_and_trim_the_answer(vicuna, monkeypatch):
     events, turn = run(eng.session(), "hi", options=GenOptions(temperature=0, max_new_tokens=64))
     assert turn.assistant == "Hello there"
     assert "".join(e.text for e in kinds(events, "delta")) == "Hello there"  # the stop text never streams
-    assert "###" in vicuna.tokenizer.decode(turn.token_ids) and "more" not in vicuna.tokenizer.decode(turn.token_ids)
+    assert "###" in vicuna.processor.tokenizer.decode(turn.token_ids) and "more" not in vicuna.processor.tokenizer.decode(turn.token_ids)
 
 
 # ---- cancel, undo, regenerate ---------------------------------------------------------------------------
@@ -257,8 +257,8 @@ def test_unclosed_h_prompt_is_continued_by_the_model(vicuna, monkeypatch):
     assert "".join(e.text for e in kinds(events, "delta")) == turn.assistant
     # the continuation started from the answer as written (no second <h>), with special tokens banned
     assert calls[1]["inputs_embeds"].shape[1] == calls[0]["inputs_embeds"].shape[1] + len(turn.token_ids) - len(
-        vicuna.tokenizer(" cat on a mat</h>", add_special_tokens=False).input_ids)
-    assert set(calls[1]["suppress_tokens"]) >= set(vicuna.tokenizer.all_special_ids)
+        vicuna.processor.tokenizer(" cat on a mat</h>", add_special_tokens=False).input_ids)
+    assert set(calls[1]["suppress_tokens"]) >= set(vicuna.processor.tokenizer.all_special_ids)
 
 
 def test_diffusion_failure_or_missing_pipeline_keeps_the_text_answer(vicuna, tmp_path):

@@ -79,16 +79,16 @@ def test_views_match_reference_and_lr_comes_from_hr(hd, tiny_checkpoint):
     images, aux = ref.preprocess(img)                      # official order: crops, then global
     if hd:
         images = torch.cat([images[-1:], images[:-1]])     # our views: global first
-    assert views.hr.shape == aux.shape and views.lr.shape == images.shape == (5 if hd else 1, 3, 32, 32)
-    torch.testing.assert_close(views.hr, aux, atol=2e-6, rtol=0)
-    torch.testing.assert_close(views.lr, images, atol=2e-6, rtol=0)
+    assert views.pixel_values_aux.shape == aux.shape and views.pixel_values.shape == images.shape == (5 if hd else 1, 3, 32, 32)
+    torch.testing.assert_close(views.pixel_values_aux, aux, atol=2e-6, rtol=0)
+    torch.testing.assert_close(views.pixel_values, images, atol=2e-6, rtol=0)
     # the padding is the mean colour (as 0-255 integers), normalised with the CLIP mean and std
     fill = (torch.tensor(FILL) / 255 - torch.tensor(proc.mean)) / torch.tensor(proc.std)
-    torch.testing.assert_close(views.hr[:, 0, :], fill[:, None].expand(3, views.hr.shape[-1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(views.pixel_values_aux[:, 0, :], fill[:, None].expand(3, views.pixel_values_aux.shape[-1]), atol=1e-5, rtol=0)
     # LR is derived from the HR tensor (so both see the same pixels), not resized from the image again
-    big = F.interpolate(views.hr[None], size=(64 if hd else 32,) * 2, mode="bilinear", align_corners=False)
+    big = F.interpolate(views.pixel_values_aux[None], size=(64 if hd else 32,) * 2, mode="bilinear", align_corners=False)
     expect = big if not hd else F.interpolate(big, size=(32, 32), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(views.lr[:1], expect, atol=1e-6, rtol=0)
+    torch.testing.assert_close(views.pixel_values[:1], expect, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("quadrant", range(4))
@@ -98,7 +98,7 @@ def test_hd_mark_in_image_changes_only_its_crop_and_global(quadrant):
     marked = base.copy()
     r, c = divmod(quadrant, 2)
     marked[r * 64 + 20:r * 64 + 44, c * 64 + 20:c * 64 + 44] = (250, 10, 10)
-    a, b = proc(Image.fromarray(base)).lr, proc(Image.fromarray(marked)).lr
+    a, b = proc(Image.fromarray(base)).pixel_values, proc(Image.fromarray(marked)).pixel_values
     changed = [i for i in range(5) if not torch.equal(a[i], b[i])]
     assert changed == [0, 1 + quadrant]  # global view first, then the crops row-major
 
@@ -109,16 +109,16 @@ def test_encode_shapes_and_batch_independence(hd, hd_model):
     model = hd_model if hd else spice(build_tiny("gemma"))
     views = model.config.views
     assert views == (5 if hd else 1)
-    batch = [model.processor(noise_image(seed=s)) for s in (0, 1)]
-    lr, hr = torch.stack([v.lr for v in batch]), torch.stack([v.hr for v in batch])
+    batch = [model.processor.image_processor(noise_image(seed=s)) for s in (0, 1)]
+    lr, hr = torch.stack([v.pixel_values for v in batch]), torch.stack([v.pixel_values_aux for v in batch])
     enc = model.encode_images(lr, hr)
     n, p2 = model.config.tokens_per_view, model.config.patch_side ** 2
     assert (n, p2) == (16, 16)
-    assert enc.tokens.shape == (2, views * n, model.config.llm.hidden_size)
+    assert enc.image_features.shape == (2, views * n, model.config.llm.hidden_size)
     assert enc.attn.shape == (2, views, n, p2) and enc.gain.shape == (2, views, n)
     torch.testing.assert_close(enc.attn.sum(-1), torch.ones(2, views, n))
     one = model.encode_images(lr[1:], hr[1:])
-    torch.testing.assert_close(one.tokens[0], enc.tokens[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(one.image_features[0], enc.image_features[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(one.attn[0], enc.attn[1], atol=1e-6, rtol=1e-5)
 
 
@@ -135,7 +135,7 @@ class _FixedMap(torch.nn.Module):
 def test_hd_mark_in_hr_map_changes_only_its_crop_and_global(quadrant, hd_model):
     """A change in one quadrant of the HR feature map reaches that crop's mining and the global view's;
     the other crops' mining maps stay bit-identical."""
-    views = hd_model.processor(noise_image())
+    views = hd_model.processor.image_processor(noise_image())
     side, ca = 32, hd_model.config.mm_hidden_size_aux        # tiny HD: 128 / 4 = 32, two 16-wide crops
     torch.manual_seed(0)
     base = torch.randn(1, ca, side, side)
@@ -145,9 +145,9 @@ def test_hd_mark_in_hr_map_changes_only_its_crop_and_global(quadrant, hd_model):
     real = hd_model.vision_tower_aux
     try:
         hd_model.vision_tower_aux = _FixedMap(base)
-        a = hd_model.encode_images(views.lr[None], views.hr[None]).attn[0]
+        a = hd_model.encode_images(views.pixel_values[None], views.pixel_values_aux[None]).attn[0]
         hd_model.vision_tower_aux = _FixedMap(marked)
-        b = hd_model.encode_images(views.lr[None], views.hr[None]).attn[0]
+        b = hd_model.encode_images(views.pixel_values[None], views.pixel_values_aux[None]).attn[0]
     finally:
         hd_model.vision_tower_aux = real
     changed = [i for i in range(5) if not torch.equal(a[i], b[i])]
@@ -186,7 +186,7 @@ def test_family_and_template_come_from_config_not_path(family, folder_name, llm_
     shutil.copytree(tiny_checkpoint(family), folder)
     model = load_pretrained(str(folder), device="cpu")
     assert type(model.llm).__name__ == llm_class
-    assert model.template.name == template
+    assert model.processor.template.name == template
 
 
 # ---- fidelity: our stack == the reference, token for token ------------------------------------------
@@ -200,24 +200,24 @@ def test_matches_reference(family, hd, spiced_checkpoint):
     model = load_pretrained(str(folder), device="cpu", dtype=torch.float32)
     ref = Reference(folder)
     template = FAMILY_TEMPLATE[family]
-    assert model.template.name == template
+    assert model.processor.template.name == template
     img = noise_image()
 
     # visual tokens and mining maps
     tokens, attn = ref.encode(img)
-    views = model.processor(img)
-    enc = model.encode_images(views.lr[None], views.hr[None])
+    views = model.processor.image_processor(img)
+    enc = model.encode_images(views.pixel_values[None], views.pixel_values_aux[None])
     assert enc.attn.shape == (1, 5 if hd else 1, 16, 16)
     assert attn.std() > 0.03  # mining is far from uniform, so a mapping error could not hide
     torch.testing.assert_close(enc.attn[0], attn, atol=2e-6, rtol=1e-4)
-    torch.testing.assert_close(enc.tokens[0], tokens, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(enc.image_features[0], tokens, atol=1e-5, rtol=1e-4)
 
     # prompt ids and the next-token logits over the spliced sequence
     prompt = official_prompt(template, QUESTION)
-    ids = tokenize(build_prompt(model.template, [Turn(QUESTION, 1)]), model.tokenizer)
+    ids = tokenize(build_prompt(model.processor.template, [Turn(QUESTION, 1)]), model.processor.tokenizer)
     assert ids == ref.tokenize(prompt)
     with torch.no_grad():
-        ours = model.llm(inputs_embeds=model.embed(ids, [enc.tokens[0]])).logits[0, -1]
+        ours = model.llm(inputs_embeds=model.embed(ids, [enc.image_features[0]])).logits[0, -1]
         theirs = ref.llm(inputs_embeds=ref.embed(ids, [tokens])[None]).logits[0, -1]
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
@@ -230,6 +230,6 @@ def test_matches_reference(family, hd, spiced_checkpoint):
     assert turn.prompt == prompt
     assert turn.token_ids == expect
     torch.testing.assert_close(session.images[0].attn, attn, atol=2e-6, rtol=1e-4)
-    generated = model.generate(ids, [enc.tokens[0]], max_new_tokens=6).tolist()
+    generated = model.generate(ids, [enc.image_features[0]], max_new_tokens=6).tolist()
     assert generated[:len(expect)] == expect
     assert len(generated) == 6 or generated[len(expect)] in ref.stop_ids(template)

@@ -87,7 +87,7 @@ def test_image_limits_refuse_the_turn_and_keep_the_history(vicuna):
 @pytest.mark.parametrize("family", ["vicuna", "gemma", "llama3", "yi", "mistral"])
 def test_typed_control_tokens_are_text(tiny_checkpoint, family):
     model = load_pretrained(str(tiny_checkpoint(family)), device="cpu")
-    tok = model.tokenizer
+    tok = model.processor.tokenizer
     control = set(tok.all_special_ids) | set(tok.get_added_vocab().values())
 
     def specials(ids):
@@ -144,7 +144,7 @@ def test_control_characters_removed_scripts_and_emoji_survive(vicuna):
     msg = "שלום עולם — مرحبا بالعالم \u200f 👋🏽 👨\u200d👩\u200d👧 🇫🇷 ok"
     turn = run(s, msg, options=SHORT)[1]
     assert turn.user == msg and msg in turn.prompt
-    assert msg in vicuna.tokenizer.decode([i for i in turn.prompt_ids if i >= 0])
+    assert msg in vicuna.processor.tokenizer.decode([i for i in turn.prompt_ids if i >= 0])
 
 
 # ---- faults ------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def test_labels_cover_only_the_answers():
     model = build_tiny("vicuna")
     turns = [Turn("What digit is in the red square?", 1, "7"), Turn("And the colour?", 0, "red")]
     ids, labels = encode_conversation(model, turns)
-    learnt = model.tokenizer.decode([i for i, y in zip(ids, labels) if y != IGNORE_INDEX])
+    learnt = model.processor.tokenizer.decode([i for i, y in zip(ids, labels) if y != IGNORE_INDEX])
     assert learnt.replace(" ", "") == "7</s>red</s>"
     assert all(y == IGNORE_INDEX or y == i for i, y in zip(ids, labels))
     got = llava_turns([{"from": "human", "value": "<image>\nWhat digit?"}, {"from": "gpt", "value": "3"}])

@@ -52,8 +52,8 @@ class Engine:
         self._compute = threading.Lock()     # one model run (encode / generate) at a time
         self._state = threading.Lock()       # sessions and KV bookkeeping; never held while waiting
         self._tok_lock = threading.RLock()   # the tokenizer is not thread safe
-        tok = model.tokenizer
-        self.stop_ids, self.stop_texts = self._stops(tok, model.template.stop_strings)
+        tok = model.processor.tokenizer
+        self.stop_ids, self.stop_texts = self._stops(tok, model.processor.template.stop_strings)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         # sentencepiece byte-fallback tokens ("<0x0A>"): streaming waits for the end of a run of them
         self.byte_ids = frozenset(i for t, i in tok.get_vocab().items() if _BYTE_TOKEN.fullmatch(t))
@@ -147,14 +147,14 @@ class Engine:
     # ---- model work -----------------------------------------------------------------------------
     def encode(self, pil) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One image -> (visual tokens (V*N, D), mining weights (V, N, P*P) and gain (V, N), float32 CPU)."""
-        views = self.model.processor(pil)
+        views = self.model.processor.image_processor(pil)
         with self._compute, torch.no_grad():
-            enc = self.model.encode_images(views.lr[None], views.hr[None])
-        return enc.tokens[0], enc.attn[0].float().cpu(), enc.gain[0].float().cpu()
+            enc = self.model.encode_images(views.pixel_values[None], views.pixel_values_aux[None])
+        return enc.image_features[0], enc.attn[0].float().cpu(), enc.gain[0].float().cpu()
 
     def build_prompt(self, turns: list[PromptTurn]):
         """(Prompt, token ids) for prompt turns, under the tokenizer lock."""
         with self._tok_lock:
-            prompt = build_prompt(self.model.template, turns)
-            return prompt, tokenize(prompt, self.model.tokenizer)
+            prompt = build_prompt(self.model.processor.template, turns)
+            return prompt, tokenize(prompt, self.model.processor.tokenizer)
 

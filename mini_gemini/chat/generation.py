@@ -148,7 +148,7 @@ class LLMRun:
     # consumer side
     def __iter__(self) -> Iterator[str]:
         eng = self.engine
-        tok = eng.model.tokenizer
+        tok = eng.model.processor.tokenizer
         self._thread.start()
         ids: list[int] = list(self.anchor)
         # Incremental detokenisation (as vLLM does it): decode a short window starting a little before
@@ -203,7 +203,7 @@ class LLMRun:
         self._finished = True
         if self._error is not None:
             raise self._error
-        tok, eng = self.engine.model.tokenizer, self.engine
+        tok, eng = self.engine.model.processor.tokenizer, self.engine
         ids = list(self._result or [])
         while ids and ids[-1] in eng.stop_ids:
             ids.pop()

@@ -35,7 +35,7 @@ def write_image_prompt(session: ChatSession, turn: Turn, ids, images, options: G
     own unclosed one, so that the LLM itself writes the image prompt (small checkpoints often skip
     the tag). Returns the prompt, or None when no image is to be drawn."""
     eng = session.engine
-    tok = eng.model.tokenizer
+    tok = eng.model.processor.tokenizer
     answer = turn.assistant
     unclosed = answer.rfind(IMAGE_PROMPT_OPEN) > answer.rfind(IMAGE_PROMPT_CLOSE)  # cut off mid-prompt
     with eng._tok_lock:

@@ -30,8 +30,8 @@ def expand_to_square(img: Image.Image, fill) -> Image.Image:
 
 @dataclass
 class Views:
-    lr: torch.Tensor   # (V, 3, S, S), model order
-    hr: torch.Tensor   # (3, S_aux, S_aux)
+    pixel_values: torch.Tensor      # (V, 3, S, S) LR views, model order (HD: global, then the grid row-major)
+    pixel_values_aux: torch.Tensor  # (3, S_aux, S_aux) the HR image
 
 
 class ImageProcessor:
@@ -60,13 +60,13 @@ class ImageProcessor:
         g, s = self.grid, self.lr_size
         lr = F.interpolate(hr[None], size=(s * g, s * g), mode="bilinear", align_corners=False)
         if g == 1:
-            return Views(lr=lr, hr=hr)
+            return Views(pixel_values=lr, pixel_values_aux=hr)
         crops = lr.reshape(3, g, s, g, s).permute(1, 3, 0, 2, 4).reshape(g * g, 3, s, s)  # row-major
         if self.global_view:
             glob = F.interpolate(lr, size=(s, s), mode="bilinear", align_corners=False)
             crops = torch.cat([glob, crops])
-        return Views(lr=crops.contiguous(), hr=hr)
+        return Views(pixel_values=crops.contiguous(), pixel_values_aux=hr)
 
     def batch(self, images) -> tuple[torch.Tensor, torch.Tensor]:
         views = [self(im) for im in images]
-        return torch.stack([v.lr for v in views]), torch.stack([v.hr for v in views])
+        return torch.stack([v.pixel_values for v in views]), torch.stack([v.pixel_values_aux for v in views])

@@ -19,6 +19,7 @@ from accelerate.utils import set_module_tensor_to_device
 from .config import MGMConfig
 from .model import MiniGemini
 from .image_processing import ImageProcessor
+from .processing import MGMProcessor
 
 # official prefix <-> our module path; anything else belongs to the LLM (`llm.` + its own name)
 _PREFIXES = [
@@ -352,9 +353,9 @@ def load_pretrained(name_or_path: str, *, device: str | None = None, dtype: torc
         model.to(device)  # moves the buffers; the weights are already there
     model.eval().requires_grad_(False)
 
-    model.tokenizer = _load_tokenizer(folder)
-    model.processor = ImageProcessor.from_config(config)
-    model.template = select_template(config.raw, model.tokenizer, template)
+    tokenizer = _load_tokenizer(folder)
+    model.processor = MGMProcessor(tokenizer, ImageProcessor.from_config(config),
+                                   select_template(config.raw, tokenizer, template))
     model.name_or_path = str(name_or_path)
     return model
 
@@ -397,6 +398,6 @@ def save_pretrained(model: MiniGemini, out_dir, *, max_shard_size: str | int = "
     cfg["torch_dtype"] = str(model.dtype).replace("torch.", "")
     cfg.pop("dtype", None)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-    if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(out)
+    if model.processor is not None:
+        model.processor.save_pretrained(out)
     return out

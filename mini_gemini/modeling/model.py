@@ -27,7 +27,7 @@ LLM_CLASSES = {"gemma": GemmaForCausalLM, "llama": LlamaForCausalLM, "mistral": 
 
 
 class Encoded(NamedTuple):
-    tokens: torch.Tensor  # (B, V*N, D) visual tokens for the LLM
+    image_features: torch.Tensor  # (B, V*N, D) visual tokens for the LLM
     attn: torch.Tensor    # (B, V, N, P*P) mining weights of every LR token over its HR window
     gain: torch.Tensor    # (B, V, N) relative change mining made to each LR token
 
@@ -90,8 +90,8 @@ class MiniGemini(nn.Module):
         self.mining = PatchInfoMining(config.vision.hidden_size, config.mm_hidden_size_aux)
         self.mm_projector = build_projector(config.projector_type, config.vision.hidden_size,
                                             config.llm.hidden_size)
-        # Set by the loader: the tokenizer, the image processor and the chat template.
-        self.tokenizer = self.processor = self.template = None
+        # Set by the loader: the MGMProcessor (tokenizer, image processor, chat template).
+        self.processor = None
 
     @property
     def device(self) -> torch.device:
@@ -102,13 +102,19 @@ class MiniGemini(nn.Module):
         return next(self.mm_projector.parameters()).dtype
 
     # ---- vision ---------------------------------------------------------------------------------
-    def encode_images(self, lr: torch.Tensor, hr: torch.Tensor) -> Encoded:
-        """lr: (B, V, 3, S, S) views in model order (HD: global first, then the grid row-major);
-        hr: (B, 3, S_aux, S_aux).
+    def encode_images(self, pixel_values: torch.Tensor, pixel_values_aux: torch.Tensor) -> Encoded:
+        """Encode images: both towers, patch info mining (DESIGN.md section 1.2) and the projector.
 
-        Returns visual tokens (B, V*N, D), mining weights (B, V, N, P*P) and mining gain (B, V, N).
+        Args:
+            pixel_values: (B, V, 3, S, S) LR views in model order (HD: global first, then the grid row-major).
+            pixel_values_aux: (B, 3, S_aux, S_aux) the HR image.
+
+        Returns:
+            `Encoded`: image_features (B, V*N, D) in the LLM's dtype, mining weights (B, V, N, P*P) and mining
+            gain (B, V, N).
         Gradients flow when the caller allows them (training); inference callers wrap it in no_grad.
         """
+        lr, hr = pixel_values, pixel_values_aux
         b, v = lr.shape[:2]
         clip_p = next(self.vision_tower.parameters())
         conv_p = next(self.vision_tower_aux.parameters())
@@ -163,7 +169,7 @@ class MiniGemini(nn.Module):
                  top_p: float = 1.0, **kwargs) -> torch.Tensor:
         """Decode with the LLM's own `generate` from spliced embeddings; returns the new token ids."""
         embeds = self.embed(input_ids, image_tokens)
-        tok = self.tokenizer
+        tok = self.processor.tokenizer if self.processor is not None else None
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
             dict(do_sample=False, temperature=None, top_p=None, top_k=None)
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long,

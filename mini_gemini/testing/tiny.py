@@ -50,6 +50,7 @@ def tiny_config(family: str, tokenizer, hd: bool = False, context: int = 2048, *
 
 def build_tiny(family: str, hd: bool = False, seed: int = 0, **overrides) -> MiniGemini:
     from ..modeling.image_processing import ImageProcessor
+    from ..modeling.processing import MGMProcessor
     from ..chat.templates import TEMPLATES
     from .tiny_tokenizer import build_tokenizer, family_template
     if family not in LLM_FAMILY:
@@ -58,8 +59,7 @@ def build_tiny(family: str, hd: bool = False, seed: int = 0, **overrides) -> Min
     config = MGMConfig.from_dict(tiny_config(family, tok, hd, **overrides))
     torch.manual_seed(seed)
     model = MiniGemini(config).eval().requires_grad_(False)
-    model.tokenizer, model.processor = tok, ImageProcessor.from_config(config)
-    model.template = TEMPLATES[family_template(family)]
+    model.processor = MGMProcessor(tok, ImageProcessor.from_config(config), TEMPLATES[family_template(family)])
     return model
 
 

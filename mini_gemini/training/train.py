@@ -64,6 +64,7 @@ def build_demo_model(seed: int = 0) -> MiniGemini:
     a 3-layer Llama with the vicuna_v1 template; random weights, float32, trainable."""
     from ..modeling.config import MGMConfig
     from ..modeling.image_processing import ImageProcessor
+    from ..modeling.processing import MGMProcessor
     from ..chat.templates import TEMPLATES
     from ..testing.tiny import tiny_config
     from ..testing.tiny_tokenizer import build_tokenizer
@@ -84,7 +85,7 @@ def build_demo_model(seed: int = 0) -> MiniGemini:
     for m in model.vision_tower_aux.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             m.reset_parameters()
-    model.tokenizer, model.processor, model.template = tok, ImageProcessor.from_config(config), TEMPLATES["vicuna_v1"]
+    model.processor = MGMProcessor(tok, ImageProcessor.from_config(config), TEMPLATES["vicuna_v1"])
     return model
 
 
@@ -134,7 +135,7 @@ def encode_conversation(model: MiniGemini, turns: list[Turn]) -> tuple[list[int]
     Each answer's tokens are those between the prompt that ends with the open assistant header and the
     prompt that holds the answer, both built as inference builds them.
     """
-    tpl, tok = model.template, model.tokenizer
+    tpl, tok = model.processor.template, model.processor.tokenizer
     ids = tokenize(build_prompt(tpl, turns), tok)
     labels = [IGNORE_INDEX] * len(ids)
     for k, turn in enumerate(turns):
@@ -221,13 +222,13 @@ class Collate:
 
     def __call__(self, examples):
         from .synthetic import token_targets
-        proc = self.model.processor
+        proc = self.model.processor.image_processor
         lr, hr, ids, labels, n_images = [], [], [], [], []
         for ex in examples:
             for im in ex["images"]:
                 v = proc(im)
-                lr.append(v.lr)
-                hr.append(v.hr)
+                lr.append(v.pixel_values)
+                hr.append(v.pixel_values_aux)
             i, y = encode_conversation(self.model, ex["turns"])
             ids.append(i[:self.max_len])
             labels.append(y[:self.max_len])
@@ -271,7 +272,7 @@ def hr_crops(n: int, seed: int, model: MiniGemini, cells: int = 2):
     xs, ys = [], []
     for i in range(n):
         sc = scene(seed, i)
-        hr = model.processor(sc.image).hr
+        hr = model.processor.image_processor(sc.image).pixel_values_aux
         digit = torch.tensor(token_targets(sc, grid)[1]).view(grid, grid)
         r, c = ((digit >= 0) & (digit < 10)).nonzero()[0].tolist()
         rng = random.Random(f"hr-crop-{seed}-{i}")  # the digit's window at a random place in the crop
@@ -380,7 +381,7 @@ def forward(model: MiniGemini, batch, aux: AuxHeads | None = None, aux_weight: f
         finally:
             if hook is not None:
                 hook.remove()
-        images = list(enc.tokens)
+        images = list(enc.image_features)
     # model.embed expands each image slot into that image's tokens; the labels are expanded to match
     embeds, full, k = [], [], 0
     for ids, y, n in zip(batch["ids"], batch["labels"], batch["n_images"]):
@@ -412,7 +413,7 @@ def forward(model: MiniGemini, batch, aux: AuxHeads | None = None, aux_weight: f
     stats = dict(lm=lm.item(), acc=acc.item())
     loss = lm
     if aux is not None and enc is not None and "colour" in batch:
-        la = aux(enc.tokens, batch["colour"], batch["digit"])
+        la = aux(enc.image_features, batch["colour"], batch["digit"])
         if "x" in hr_map:
             lh = aux.hr_loss(hr_map["x"], batch["hr_digit"])
             la = la + lh

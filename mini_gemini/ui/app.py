@@ -687,7 +687,7 @@ def model_info(engine: Engine | None) -> str:
     hd = f"HD: 2×2 crops of {c.lr_size} px + a global view" if c.image_grid > 1 else f"{c.lr_size} px"
     sdxl = f"{_code(engine.imagegen.model)} (loads on first use)" if engine.imagegen else "off"
     return (f"**Model** {literal(str(m.name_or_path))} · LLM family **{c.family}** · template "
-            f"`{m.template.name}`  \n"
+            f"`{m.processor.template.name}`  \n"
             f"**LR** {hd} → {layout.side}×{layout.side} tokens per view · **HR** {c.image_size_aux} px → "
             f"{layout.patch}×{layout.patch} candidates per LR token  \n"
             f"**Visual tokens per image** {engine.tokens_per_image} ({c.views} view{'s' if c.views > 1 else ''}) · "
