@@ -36,7 +36,7 @@ TYPED = ["<image>", "<start_of_turn>", "<end_of_turn>", "</s>", "<s>", "<|eot_id
 @dataclass
 class Server:
     url: str
-    app: object       # the app module, its globals set up by app.main
+    app: object       # the app's server state (mini_gemini.ui.server), set up by app.main
     engine: object    # the app's Engine
     demo: object      # the running gr.Blocks
 
@@ -69,8 +69,9 @@ def srv(tiny_checkpoint):
     finally:
         mp.undo()
         signal.signal(signal.SIGTERM, sigterm)  # main installs its own: give pytest's back
-    engine = app.LOADER.wait()
-    yield Server(f"http://127.0.0.1:{port}", app, engine, launched["demo"])
+    from mini_gemini.ui import server
+    engine = server.LOADER.wait()
+    yield Server(f"http://127.0.0.1:{port}", server, engine, launched["demo"])
     launched["demo"].close()
 
 
@@ -381,8 +382,9 @@ def test_uploads_over_the_limit_are_refused_clearly(srv):
 # ---- bounded memory --------------------------------------------------------------------------------------
 def test_too_many_images_are_refused_before_any_is_decoded(srv, monkeypatch, tmp_path):
     decoded = []
-    real = srv.app.load_image
-    monkeypatch.setattr(srv.app, "load_image", lambda src, **kw: decoded.append(src) or real(src, **kw))
+    from mini_gemini.chat import session as session_mod  # where every upload is decoded
+    real = session_mod.load_image
+    monkeypatch.setattr(session_mod, "load_image", lambda src, **kw: decoded.append(src) or real(src, **kw))
     c = client(srv)
     chat(c, HELLO)
     many = [_png(tmp_path / f"p{i}.png", (i, i, i)) for i in range(srv.engine.images_per_session + 1)]

@@ -132,8 +132,13 @@ def test_npz_holds_the_raw_maps(tmp_path):
 # ---- text shown as text, options, start-up fallback ----------------------------------------------
 @pytest.fixture(scope="module")
 def app_module():
-    from mini_gemini.ui import app
-    return app
+    """The UI's pieces under the names these tests use."""
+    from types import SimpleNamespace
+
+    from mini_gemini.resources import demo_model_path
+    from mini_gemini.ui import markup, server, settings
+    return SimpleNamespace(literal=markup.literal, parse_args=settings.parse_args, Loader=server.Loader,
+                           DEMO_MODEL=demo_model_path())
 
 
 def test_literal_shows_markup_as_typed(app_module):

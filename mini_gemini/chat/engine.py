@@ -38,6 +38,10 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")           # sentencepiece byte-f
 class Engine:
     """One model, many sessions. Model runs are serialised; sessions and KV caches are bounded (LRU)."""
 
+    #: The OCR reader for GenOptions.ocr (inputs.ocr.OcrReader or anything with `read(pil) -> OcrResult`);
+    #: None: the process-wide default (`inputs.ocr.get_reader()`, models loaded once, on first use).
+    ocr_reader = None
+
     def __init__(self, model, image_generator=None, *, max_context: int | None = None,
                  max_sessions: int = 256, kv_sessions: int = 4, images_per_session: int = 16):
         self.model, self.imagegen = model, image_generator
@@ -102,6 +106,20 @@ class Engine:
             self._expired_ids.popitem(last=False)
         return evicted
 
+    def has_session(self, session_id: str) -> bool:
+        """Whether a conversation with this id is held (not ended, not dropped by the LRU)."""
+        with self._state:
+            return session_id in self.sessions
+
+    def cancel(self, session_id: str) -> bool:
+        """Stop the turn running in this conversation, if any (the partial answer is kept). Returns whether
+        the conversation exists; never creates one."""
+        with self._state:
+            s = self.sessions.get(session_id)
+        if s is not None:
+            s.cancel()
+        return s is not None
+
     def end_session(self, session_id: str):
         """Forget a session: its history, images and KV cache are released."""
         with self._state:
@@ -157,4 +175,21 @@ class Engine:
         with self._tok_lock:
             prompt = build_prompt(self.model.processor.template, turns)
             return prompt, tokenize(prompt, self.model.processor.tokenizer)
+
+    # ---- OCR (runs on its own lock, never under the compute lock) -------------------------------
+    def ocr_unavailable_reason(self) -> str | None:
+        """None when GenOptions.ocr can work here; otherwise a user-facing sentence with the install line."""
+        if self.ocr_reader is not None:
+            return None
+        from ..inputs.ocr import ocr_unavailable_reason
+        return ocr_unavailable_reason()
+
+    def read_text(self, pil):
+        """The text lines in one image: an `inputs.ocr.OcrResult` (boxes in pixels of `pil`, seconds taken).
+        Raises inputs.ocr.OcrUnavailable when the OCR extra is not installed."""
+        reader = self.ocr_reader
+        if reader is None:
+            from ..inputs.ocr import get_reader
+            reader = get_reader()
+        return reader.read(pil)
 

@@ -11,10 +11,10 @@ import os
 import threading
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from ..constants import GEN_TAG
-from ..inputs.images import ImageError, LoadedImage, load_image
+from ..errors import ImageError, SessionBusyError
+from ..inputs.images import LoadedImage, load_image
 from . import image_turn
-from .failures import DoesNotFit, ImageProblem, explain, free_memory, is_oom
+from .failures import DoesNotFit, explain, free_memory, is_oom
 from .generation import LLMRun
 from .templates import Turn as PromptTurn
 from .types import ABOUT_MESSAGE, MAX_USER_CHARS, Event, GenOptions, ImageEntry, Note, Turn, clean_text
@@ -45,6 +45,17 @@ class ChatSession:
     @property
     def images(self) -> list[ImageEntry]:
         return [im for t in self.turns for im in t.images]
+
+    def snapshot(self) -> list[Turn]:
+        """The history, safe to hand to another process (ZeroGPU workers): visual tokens moved to the CPU."""
+        for im in self.images:
+            im.tokens = im.tokens.cpu()
+        return list(self.turns)
+
+    def adopt(self, turns: list[Turn]) -> None:
+        """Take over a history made elsewhere (`snapshot` of the same conversation in another process).
+        The KV cache is dropped: it described the old history."""
+        self.turns, self.kv = list(turns), None
 
     def cancel(self):
         """Stop the answer being written (the partial answer is kept) or the image being drawn."""
@@ -80,7 +91,7 @@ class ChatSession:
         if not self._busy.acquire(blocking=False):
             self.cancel()
             if not self._busy.acquire(timeout=BUSY_WAIT_S):
-                raise RuntimeError("This conversation is still busy with a turn; try again in a moment.")
+                raise SessionBusyError("This conversation is still busy with a turn; try again in a moment.")
         try:
             yield
         finally:
@@ -124,8 +135,16 @@ class ChatSession:
             yield Event("error", "This conversation is still answering the previous message; wait for it to "
                                  "finish or press Stop.", "busy")
 
-    def regenerate(self, options: GenOptions | None = None) -> Iterator[Event]:
-        """Answer the last user turn again (a new sample when temperature > 0)."""
+    def regenerate(self, options: GenOptions | None = None, *, generate_image: bool | None = None
+                   ) -> Iterator[Event]:
+        """Answer the last user turn again (a new sample when temperature > 0).
+
+        Args:
+            options: sampling and image-generation options for the new answer.
+            generate_image: whether to draw an image this time (None: as the turn first asked).
+        Yields:
+            `Event`s as `chat` does; an error leaves the previous answer in place.
+        """
         options = (options or GenOptions()).checked()
         try:
             with self._turn_lock():
@@ -139,9 +158,15 @@ class ChatSession:
                         setattr(turn, f.name, getattr(saved, f.name))
 
                 turn.assistant, turn.token_ids, turn.cancelled = None, [], False
+                if generate_image is not None:
+                    turn.want_image = bool(generate_image)
                 turn.image_prompt = turn.generated_image = None
-                turn.notes = [n for n in turn.notes if getattr(n, "kind", None) in ABOUT_MESSAGE]  # still true
+                turn.ocr = options.ocr
+                turn.notes = [n for n in turn.notes if getattr(n, "kind", None) in ABOUT_MESSAGE  # still true
+                              or (turn.ocr and getattr(n, "kind", None) == "ocr")]
                 self.engine._touch(self)
+                for n in self._read_texts(turn):
+                    yield Event("notice", n)
                 yield from self._respond(turn, options, restore)
         except _Busy:
             yield Event("error", "This conversation is still answering; wait for it to finish or press Stop.", "busy")
@@ -160,16 +185,18 @@ class ChatSession:
             notes.append(Note("message", f"Your message was cut to its first {MAX_USER_CHARS:,} characters."))
         try:
             entries = self._images(images)
-        except ImageProblem as e:
+        except ImageError as e:
             yield Event("error", str(e), e.kind)
             return
         first = len(self.images) + 1
         for k, im in enumerate(entries):
             notes += [Note("image", f"Image {first + k}: {note}.") for note in im.notes]
-        turn = Turn(user=text, images=entries, want_image=bool(generate_image), notes=notes)
+        turn = Turn(user=text, images=entries, want_image=bool(generate_image), notes=notes, ocr=options.ocr)
         for n in notes:
             yield Event("notice", n)
         self.turns.append(turn)
+        for n in self._read_texts(turn):  # GenOptions.ocr: the images' text, read before the prompt is built
+            yield Event("notice", n)
 
         def restore():
             if self.turns and self.turns[-1] is turn:
@@ -177,16 +204,31 @@ class ChatSession:
 
         yield from self._respond(turn, options, restore)
 
-    def _images(self, sources: list) -> list[ImageEntry]:
+    def prepare_images(self, sources) -> list[LoadedImage]:
+        """Check and decode the images of a new turn, before anything is encoded.
+
+        The one place where input images are checked (count, context room) and decoded: callers that want
+        to report a bad file at once (the app) call it first and pass the result to `chat`.
+
+        Args:
+            sources: paths, bytes, file objects, PIL images or `LoadedImage`s (kept as they are).
+        Returns:
+            One `LoadedImage` per source (RGB, EXIF applied, notes on what was done to it).
+        Raises:
+            ImageError: too many images, or a file that cannot be used; the message names the image
+                ("Image 2 of 3: ...") and says what to do, `kind` tags it.
+        """
         eng = self.engine
+        sources = _as_list(sources)
         if not sources:
             return []
         if len(self.images) + len(sources) > eng.images_per_session:
-            raise ImageProblem(f"This conversation can hold at most {eng.images_per_session} images; clear it "
-                                "to start a new one.", "too_many")
+            raise ImageError(f"This conversation can hold at most {eng.images_per_session} images; clear it "
+                             "to start a new one." if len(sources) <= eng.images_per_session else
+                             f"Send at most {eng.images_per_session} images at once.", "too_many")
         if len(sources) * eng.tokens_per_image + 16 > eng.max_context:
-            raise ImageProblem(f"Too many images for the model's context: each takes {eng.tokens_per_image} "
-                                f"tokens of {eng.max_context}. Send fewer images at once.", "too_many")
+            raise ImageError(f"Too many images for the model's context: each takes {eng.tokens_per_image} "
+                             f"tokens of {eng.max_context}. Send fewer images at once.", "too_many")
         loaded = []
         for k, src in enumerate(sources):
             where = f"Image {k + 1} of {len(sources)}: " if len(sources) > 1 else ""
@@ -196,13 +238,18 @@ class ChatSession:
             try:
                 loaded.append(load_image(src))
             except ImageError as e:
-                raise ImageProblem(where + str(e), e.kind) from e
+                raise ImageError(where + str(e), e.kind) from e
             except MemoryError as e:
-                raise ImageProblem(where + "The image is too large to decode here. Please send a smaller "
-                                    "one.", "too_many_pixels") from e
+                raise ImageError(where + "The image is too large to decode here. Please send a smaller "
+                                 "one.", "too_many_pixels") from e
             except Exception as e:  # noqa: BLE001 - e.g. a source of a type nobody expected
-                raise ImageProblem(f"{where}Could not read the image ({type(e).__name__}: {e}). Please send a "
-                                    "PNG, JPEG, WebP, GIF or BMP file.", "unreadable") from e
+                raise ImageError(f"{where}Could not read the image ({type(e).__name__}). Please send a "
+                                 "PNG, JPEG, WebP, GIF or BMP file.", "unreadable") from e
+        return loaded
+
+    def _images(self, sources: list) -> list[ImageEntry]:
+        eng = self.engine
+        loaded = self.prepare_images(sources)
         known = {im.key: im for im in self.images}
         entries = []
         for li in loaded:
@@ -212,15 +259,77 @@ class ChatSession:
                     tokens, attn, gain = eng.encode(li.image)
                 except Exception as e:  # noqa: BLE001
                     free_memory(e)
-                    raise ImageProblem(explain(e), "oom" if is_oom(e) else "internal") from e
+                    raise ImageError(explain(e), "oom" if is_oom(e) else "internal") from e
                 im = ImageEntry(li.key, li.image, tokens, attn, gain)
                 known[li.key] = im
-            entries.append(ImageEntry(im.key, im.image, im.tokens, im.attn, im.gain, list(li.notes)))
+            entries.append(ImageEntry(im.key, im.image, im.tokens, im.attn, im.gain, list(li.notes), ocr=im.ocr))
         return entries
+
+    # ---- OCR --------------------------------------------------------------------------------------
+    def read_text(self) -> list:
+        """The text in every image of the conversation, in the order of `images` (Image 1, 2, ...): one
+        `inputs.ocr.OcrResult` each (lines with text, confidence and box = 4 (x, y) points in pixels of
+        `images[k].image`; seconds). Pictures not read yet are read now (once per picture per session,
+        the result kept on their `ImageEntry.ocr`), outside the model's lock; a turn need not be running.
+        Raises inputs.ocr.OcrUnavailable (message with the install line) without the `ocr` extra.
+        """
+        images = self.images
+        self._ocr_pending(images)
+        return [im.ocr for im in images]
+
+    def _ocr_pending(self, images: list[ImageEntry], cancel: threading.Event | None = None) -> list[Note]:
+        """Read the pictures among `images` that have no OCR result yet; notes name each picture by its
+        number in the conversation. OcrUnavailable propagates; other failures become notes (and an empty
+        result, so a broken picture is not read again every turn)."""
+        from ..inputs.ocr import OcrResult, OcrUnavailable
+
+        everything = self.images
+        pending: dict[str, ImageEntry] = {}
+        for im in images:
+            if im.ocr is None:
+                pending.setdefault(im.key, im)
+        notes = []
+        for key, im in pending.items():
+            if cancel is not None and cancel.is_set():
+                break
+            number = next((k + 1 for k, e in enumerate(everything) if e.key == key), 0)
+            try:
+                result = self.engine.read_text(im.image)
+            except OcrUnavailable:
+                raise
+            except Exception as e:  # noqa: BLE001 - the answer goes on without this picture's text
+                result = OcrResult()
+                notes.append(Note("ocr", f"Image {number}: its text could not be read (OCR failed: "
+                                         f"{type(e).__name__})."))
+            else:
+                n = len(result.lines)
+                found = f"{n} line{'s' if n != 1 else ''} of text read" if n else "no text found"
+                cut = (" Only its first lines go into the message (too much text for the prompt)."
+                       if result.truncated else "")
+                notes.append(Note("ocr", f"Image {number}: {found} (OCR, {result.seconds:.2f} s).{cut}"))
+            for e in everything + images:
+                if e.key == key:
+                    e.ocr = result
+        return notes
+
+    def _read_texts(self, turn: Turn) -> list[Note]:
+        """For a turn with `ocr`: read the images the prompt holds up to this turn (not read yet), add the
+        notes to the turn and return them. Never fails the turn: without the OCR extra, a note says so."""
+        if not turn.ocr:
+            return []
+        upto = next((i for i, t in enumerate(self.turns) if t is turn), len(self.turns) - 1)
+        images = [im for t in self.turns[min(self.dropped, upto):upto + 1] for im in t.images]
+        try:
+            notes = self._ocr_pending(images, self._cancel)
+        except Exception as e:  # noqa: BLE001 - OcrUnavailable, or the engine failing to load
+            notes = [Note("ocr", f"{e} The message goes without the images' text.")]
+        turn.notes += notes
+        return notes
 
     # ---- prompt ---------------------------------------------------------------------------------
     def _prompt(self, turns: list[Turn]):
-        pturns = [PromptTurn(t.user + (GEN_TAG if t.want_image else ""), len(t.images), t.assistant)
+        pturns = [PromptTurn(t.user, len(t.images), t.assistant, ocr=t.ocr, generate_image=t.want_image,
+                             image_texts=tuple(im.ocr.prompt_texts() if im.ocr is not None else () for im in t.images))
                   for t in turns]
         prompt, ids = self.engine.build_prompt(pturns)
         images = [im for t in turns for im in t.images]

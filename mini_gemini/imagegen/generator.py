@@ -18,11 +18,12 @@ import re
 import secrets
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from ..constants import IMAGE_PROMPT_CLOSE, IMAGE_PROMPT_OPEN
+from ..errors import ImageGenError
 
 DEFAULT_SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 
@@ -36,6 +37,42 @@ NEGATIVE_PROMPT = ", ".join([
 ])
 
 Progress = Callable[[float, str], None]
+
+
+class FittedPrompt(NamedTuple):
+    """A prompt as SDXL will read it: `text` (what is drawn), `tokens` (its CLIP tokens, start and end
+    marks left out), `limit` (the most tokens SDXL reads) and `cut` (whether `text` is shorter than the
+    prompt given)."""
+    text: str
+    tokens: int
+    limit: int
+    cut: bool
+
+
+def fit_to_tokens(text: str, count: Callable[[str], int], limit: int) -> FittedPrompt:
+    """The longest start of `text` that `count` says has at most `limit` tokens, cut after a whole word
+    (inside a word only when its first word alone is too long)."""
+    text = text.strip()
+    n = count(text)
+    if n <= limit:
+        return FittedPrompt(text, n, limit, False)
+
+    def longest(ends: list[int]) -> int:
+        # tokens never span whitespace, so the count only grows with more words: bisect over cut points
+        lo, hi = 0, len(ends)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if count(text[:ends[mid - 1]]) <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        return ends[lo - 1] if lo else 0
+
+    end = longest([m.end() for m in re.finditer(r"\S+", text)])
+    if not end:  # one long word: cut it by characters
+        end = longest(list(range(1, len(text) + 1)))
+    fitted = text[:end].rstrip()
+    return FittedPrompt(fitted, count(fitted), limit, True)
 
 # The last complete pair: an opening tag, then text with no other opening tag, then the closing tag.
 _PAIR = re.compile(re.escape(IMAGE_PROMPT_OPEN) + r"((?:(?!" + re.escape(IMAGE_PROMPT_OPEN) + r").)*?)"
@@ -54,8 +91,6 @@ def extract_image_prompt(text: str) -> str | None:
     return prompt or None
 
 
-class ImageGenError(RuntimeError):
-    """Image generation failed for a reason the user can act on; the message says what to do."""
 
 
 def _download_hint(model: str) -> str:
@@ -116,6 +151,7 @@ class ImageGenerator:
         self.offload = offload
         self.offloaded = False          # whether model CPU offload is in use (set by load)
         self.last_seed: int | None = None
+        self.last_prompt: str | None = None  # the text the last generate() drew (see fit_prompt)
         self._pipe = None
         # Re-entrant, so that generate() can load while holding it; one diffusion at a time per pipeline.
         self._lock = threading.RLock()
@@ -239,12 +275,31 @@ class ImageGenerator:
             raise ImageGenError("The image model is not loaded yet; call load() first.")
         return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
+    def fit_prompt(self, prompt: str, progress: Progress | None = None) -> FittedPrompt:
+        """`prompt` cut to what SDXL reads: its text encoders see at most model_max_length (77) CLIP tokens,
+        start and end marks included, and diffusers silently drops the rest. Counted with the pipeline's
+        own tokenizers (loading the pipeline if needed); cut after the last whole word that fits."""
+        with self._lock:
+            if self._pipe is None:
+                self.load(progress)
+            tokenizers = [t for t in (getattr(self._pipe, "tokenizer", None), getattr(self._pipe, "tokenizer_2", None))
+                          if t is not None]
+        if not tokenizers:
+            return FittedPrompt(prompt.strip(), 0, 0, False)
+        limit = min(int(t.model_max_length) - t.num_special_tokens_to_add() for t in tokenizers)
+
+        def count(text: str) -> int:
+            return max(len(t(text, add_special_tokens=False, truncation=False, verbose=False).input_ids)
+                       for t in tokenizers)
+        return fit_to_tokens(prompt, count, limit)
+
     def generate(self, prompt: str, *, negative_prompt: str | None = NEGATIVE_PROMPT, steps: int = 30,
                  guidance: float = 5.0, seed: int | None = None, width: int | None = None,
                  height: int | None = None, progress: Progress | None = None):
         """Render `prompt` and return a PIL image. The same seed (and settings) gives the same image; with
         seed=None a random one is drawn (kept in `last_seed`). width/height default to the model's native
-        size and are rounded to a multiple of 8. Concurrent calls run one after another."""
+        size and are rounded to a multiple of 8. Concurrent calls run one after another. A prompt longer than
+        SDXL reads is cut as `fit_prompt` does; `last_prompt` holds the text drawn."""
         if not prompt or not prompt.strip():
             raise ImageGenError("The image prompt is empty: there is nothing to draw.")
         if int(steps) < 1:
@@ -255,6 +310,10 @@ class ImageGenerator:
             if self._pipe is None:
                 report(0.0, "Loading Stable Diffusion XL (first use)")
                 self.load()
+            prompt = self.fit_prompt(prompt).text
+            if negative_prompt:
+                negative_prompt = self.fit_prompt(negative_prompt).text
+            self.last_prompt = prompt
             pipe = self._pipe
             native = self.native_size()
             width = _round8(width if width is not None else native)

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
+from ..errors import ImageError  # noqa: F401 - raised here, re-exported for callers
+
 MAX_FILE_BYTES = 20 * 1024 * 1024  # 20 MB
 MAX_PIXELS = 40_000_000  # e.g. 8000 x 5000; the decoded RGB copy is then at most 120 MB
 
@@ -40,16 +42,6 @@ NOTE_EXIF = "EXIF orientation applied"
 NOTE_ALPHA = "transparency composited on white"
 
 
-class ImageError(ValueError):
-    """A problem with the user's file. `str(err)` is written for end users: what is wrong, what to do.
-
-    `kind` is a stable machine-readable tag for callers (e.g. the API's status codes):
-    "empty", "too_big" (bytes), "too_many_pixels", "damaged", "unsupported" or "unreadable".
-    """
-
-    def __init__(self, message: str, kind: str = "invalid"):
-        super().__init__(message)
-        self.kind = kind
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
+from ..errors import ModelLoadError
 from .config import MGMConfig
 from .model import MiniGemini
 from .image_processing import ImageProcessor
@@ -41,8 +42,6 @@ WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
 _HUB_META = ["*.json", "*.model", "*.txt", "*.tiktoken"]
 
 
-class ModelLoadError(RuntimeError):
-    """A loading problem, worded for the person who asked for the model."""
 
 
 # ---- names ----------------------------------------------------------------------------------------
@@ -353,20 +352,22 @@ def load_pretrained(name_or_path: str, *, device: str | None = None, dtype: torc
         model.to(device)  # moves the buffers; the weights are already there
     model.eval().requires_grad_(False)
 
-    tokenizer = _load_tokenizer(folder)
+    tokenizer = _load_tokenizer(folder, config.family)
     model.processor = MGMProcessor(tokenizer, ImageProcessor.from_config(config),
                                    select_template(config.raw, tokenizer, template))
     model.name_or_path = str(name_or_path)
     return model
 
 
-def _load_tokenizer(folder: Path):
+def _load_tokenizer(folder: Path, family: str | None = None):
+    """The checkpoint's tokenizer, giving the ids and texts of MGM's official stack (see official_tokenizer)."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
+    from .official_tokenizer import align_with_official
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # it reads our config.json and warns that `mgm_*` is no tokenizer type
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return align_with_official(AutoTokenizer.from_pretrained(folder), folder, family)
     except Exception as e:
         raise ModelLoadError(f"Could not load the tokenizer from {folder}: {e}. The checkpoint needs its "
                              "tokenizer files (tokenizer.json or tokenizer.model + tokenizer_config.json).") from e

@@ -1,0 +1,35 @@
+"""The `/chat` API endpoint for scripts (gradio_client): one turn, the reply with its notes, heatmaps."""
+from __future__ import annotations
+
+import gradio as gr
+
+from ..chat import clean_text
+from .mining_panel import heatmap_gallery
+from .server import session_of
+from .turns import _options, run_turn
+
+# ---- API ------------------------------------------------------------------------------------------
+def api_chat(message: str, images: list | None, generate_image: bool, temperature: float, request: gr.Request):
+    """One chat turn for API clients. Each client (its Gradio session) has its own history.
+
+    Returns (reply text, generated image or None, gallery of mining heatmaps for every image so far); the
+    reply ends with the turn's notes, if any, each a paragraph starting with "Note: ".
+    """
+    files = [f if isinstance(f, str) else getattr(f, "path", None) or f.get("path") for f in (images or [])]
+    if not clean_text(message).strip() and not files:
+        raise gr.Error("Send a message, an image, or both.")
+    session, ex = session_of(request)
+    live = None
+    for live in run_turn(session, ex, message or "", files, bool(generate_image), _options(temperature or 0.0)):
+        if live.error is None:
+            yield live.text, None, []
+    if live.error:
+        raise gr.Error(live.error)
+    answer = live.turn.assistant if live.turn is not None else live.text
+    yield api_reply(answer, live.notices), live.image_file, heatmap_gallery(session)
+
+
+def api_reply(answer: str, notices: list) -> str:
+    """The answer, then what the user should know about the turn (message cut, image not drawn, ...): API
+    clients have no other place to see it. Each note is its own paragraph starting with "Note: "."""
+    return "\n\n".join(([answer] if answer else []) + [f"Note: {n}" for n in notices])

@@ -1,0 +1,230 @@
+"""Running a chat turn for the UI: stream the engine's events into chat messages; Stop, Undo, Clear."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+
+from ..chat import MAX_USER_CHARS, GenOptions, clean_text
+from ..errors import ImageError, SessionBusyError
+from . import server
+from .markup import _answer_messages, _user_message, render
+from .server import Extras, Failed, View, session_of
+
+try:  # Hugging Face ZeroGPU: `spaces.GPU` borrows a GPU per call there and is a no-op elsewhere
+    import spaces
+except ImportError:
+    spaces = None
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class Live:
+    """The turn being answered, as streamed so far."""
+    user: str
+    files: list
+    first: int
+    text: str = ""
+    notices: list = field(default_factory=list)
+    progress: tuple | None = None
+    prompt: str | None = None
+    image_file: str | None = None
+    error: str | None = None
+    turn: object = None
+    history: int = 0                    # engine turns shown before this one
+
+    def messages(self) -> list[dict]:
+        return [_user_message(self.user, self.files, self.first)] + _answer_messages(
+            self.text, self.notices, self.prompt, self.image_file, self.progress, self.error)
+
+
+@dataclass
+class _Handoff:
+    """The history a ZeroGPU worker hands back at the end of a turn (not an engine event)."""
+    turns: list
+
+
+# ---- running a turn -------------------------------------------------------------------------------
+def _gpu(fn):
+    return spaces.GPU(duration=120)(fn) if spaces is not None else fn
+
+
+@_gpu
+def _events(sid: str, turns: list, text: str, images: list, generate_image: bool, options: GenOptions,
+            regenerate: bool):
+    """The engine's events for one turn. Under ZeroGPU this runs in a forked GPU worker whose engine
+    holds stale sessions: it adopts the caller's history, and hands the new one back at the end."""
+    session = server.LOADER.wait().session(sid)
+    adopted = session.turns is not turns
+    if adopted:
+        session.adopt(turns)
+    events = session.regenerate(options, generate_image=generate_image) if regenerate else \
+        session.chat(text, images, generate_image=generate_image, options=options)
+    try:
+        yield from events
+    finally:
+        events.close()  # a client that went away closes us: the engine then stops generating
+    if adopted:
+        yield _Handoff(session.snapshot())
+
+
+def run_turn(session, ex: Extras, text: str, files: list, generate_image: bool, options: GenOptions,
+             regenerate: bool = False):
+    """Stream one turn; yields the Live state whenever it changed (at most ~20 times a second for text)."""
+    if regenerate:
+        while ex.failed and ex.failed[-1].position == len(session.turns):
+            ex.failed.pop()
+        if not session.turns:
+            return
+        t = session.turns[-1]
+        n_history, images = len(session.turns) - 1, []
+        live = Live(clean_text(t.user), [ex.show(im.image, im.key) for im in t.images],
+                    len(session.images) - len(t.images) + 1, history=n_history)
+    else:
+        n_history, images = len(session.turns), []
+        # the engine reads no more than MAX_USER_CHARS either; what is shown (and kept on failure) is bounded
+        live = Live(clean_text(text)[:MAX_USER_CHARS], [], len(session.images) + 1, history=n_history)
+        try:  # checked and decoded by the engine first, so that a bad file is reported at once
+            images = session.prepare_images(files)
+        except ImageError as e:
+            names = ", ".join(Path(str(f)).name for f in files)
+            live.user = (live.user + "\n\n" if live.user else "") + f"(file: {names})"
+            live.error = str(e)
+            log.info("refused an upload: %s", e)  # a user error: one line, no traceback
+        for k, loaded in enumerate(images):  # the engine takes the decoded images and their keys as they are
+            live.files.append(ex.show(loaded.image, loaded.key))
+            live.notices += [f"Image {live.first + k}: {n}." for n in loaded.notes]
+        if live.error is not None:
+            live.files = []
+            ex.fail(Failed(len(session.turns), live.user, [], live.error, {"text": text, "files": list(files)}))
+            yield live
+            return
+    yield live
+    events = _events(session.id, session.turns, text, images, generate_image, options, regenerate)
+    last = 0.0
+    try:
+        for ev in events:
+            if ev.kind == "delta":
+                live.text += ev.text
+                if time.monotonic() - last < 0.05:
+                    continue
+            elif ev.kind == "notice":
+                if ev.text not in live.notices:
+                    live.notices.append(ev.text)
+            elif ev.kind == "progress":
+                live.progress = (ev.text, float(ev.data or 0.0))
+                if live.prompt is None and len(session.turns) > live.history:  # the prompt the LLM wrote
+                    live.prompt = session.turns[live.history].image_prompt
+            elif ev.kind == "image":
+                path = ex.new_file("generated", ".png")
+                ev.data.save(path, format="PNG")
+                live.image_file, live.prompt, live.progress = str(path), ev.text, None
+            elif ev.kind == "error":
+                live.error = ev.text
+            elif ev.kind == "done":
+                live.turn = ev.data
+                live.text = ev.data.assistant or live.text
+                live.prompt = ev.data.image_prompt or live.prompt
+            elif isinstance(ev, _Handoff):  # ZeroGPU: the worker's history replaces ours
+                session.adopt(ev.turns)
+                continue
+            last = time.monotonic()
+            yield live
+    finally:
+        events.close()
+        live.progress = None
+        ex.sync(len(session.turns))
+        if live.error:
+            ex.fail(Failed(len(session.turns), live.user, live.files, live.error,
+                           None if regenerate else {"text": text, "files": list(files)}))
+        elif len(session.turns) > n_history:
+            ex.views[n_history] = View(list(live.notices), live.image_file)
+    yield live
+
+
+def _options(temperature, top_p=0.7, max_new_tokens=None, steps=30) -> GenOptions:
+    return GenOptions(temperature=float(temperature), top_p=float(top_p),
+                      max_new_tokens=int(max_new_tokens or server.ARGS.max_new_tokens), steps=int(steps))
+
+
+def _files(message) -> tuple[str, list]:
+    message = message or {}
+    files = [f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "path", None))
+             for f in (message.get("files") or [])]
+    return message.get("text") or "", [f for f in files if f]
+
+
+def chat_ui(message, generate_image, temperature, top_p, max_new_tokens, steps, request: gr.Request):
+    text, files = _files(message)
+    if not clean_text(text).strip() and not files:
+        yield gr.skip(), gr.skip()
+        return
+    session, ex = session_of(request)
+    yield from _stream(session, ex, lambda: run_turn(session, ex, text, files, generate_image,
+                                                     _options(temperature, top_p, max_new_tokens, steps)))
+
+
+def regenerate_ui(generate_image, temperature, top_p, max_new_tokens, steps, request: gr.Request):
+    """Answer the last message again, following the switches as they are now. When the last message
+    failed, nothing is redone (the answer before it was not asked for): its text goes back to the input."""
+    session, ex = session_of(request)
+    if ex.failed and ex.failed[-1].position == len(session.turns):
+        failed = ex.failed[-1]
+        gr.Info("Your last message got an error, so there is no answer to redo: its text is back in the "
+                "input box, to fix and send again.")
+        yield render(session, ex), gr.MultimodalTextbox(value=failed.typed or {"text": "", "files": []},
+                                                        interactive=True)
+        return
+    yield from _stream(session, ex, lambda: run_turn(session, ex, "", [], bool(generate_image),
+                                                     _options(temperature, top_p, max_new_tokens, steps),
+                                                     regenerate=True))
+
+
+def _stream(session, ex, start):
+    """Chatbot + textbox updates while a turn streams; the textbox is locked until it ends."""
+    locked = gr.MultimodalTextbox(value=None, interactive=False)
+    before = ex.failed[-1] if ex.failed else None
+    turn = start()
+    try:
+        for live in turn:
+            yield render(session, ex, upto=live.history) + live.messages(), locked
+    except Exception as e:  # noqa: BLE001 — the history must stay usable whatever happened
+        log.exception("a turn failed")
+        ex.fail(Failed(len(session.turns), "", [], f"Something went wrong ({type(e).__name__}: {e})."))
+    finally:
+        turn.close()  # also when the client went away: the engine then stops generating
+    # a message that failed goes back into the input box, so that nothing the user typed is lost
+    typed = ex.failed[-1].typed if ex.failed and ex.failed[-1] is not before else None
+    yield render(session, ex), gr.MultimodalTextbox(value=typed, interactive=True)
+
+
+def stop_ui(request: gr.Request):
+    if server.LOADER.engine is not None:
+        server.LOADER.engine.cancel(getattr(request, "session_hash", None) or "")
+
+
+def undo_ui(request: gr.Request):
+    """Drop the last exchange (a failed message first); a turn still running is stopped by the engine."""
+    session, ex = session_of(request)
+    if ex.failed and ex.failed[-1].position == len(session.turns):
+        ex.failed.pop()
+    else:
+        try:
+            session.undo()
+        except SessionBusyError as e:  # the running turn did not stop in time
+            raise gr.Error(str(e)) from e
+        ex.sync(len(session.turns))
+    return render(session, ex)
+
+
+def clear_ui(request: gr.Request):
+    session, ex = session_of(request)
+    try:
+        session.clear()
+    except SessionBusyError as e:
+        raise gr.Error(str(e)) from e
+    ex.failed, ex.views = [], []
+    return render(session, ex), None
