@@ -1,6 +1,6 @@
 """Speed and memory, measured side by side in one run and reported as ratios.
 
-    python -m mini_gemini.bench [--json] [--skip-load] [--load-only] [--workdir DIR]
+    python -m mini_gemini.bench [--json] [--skip-load] [--load-only] [--upload-only] [--workdir DIR]
 
 - load_memory_ratio: peak memory of loading a random checkpoint with MGM-2B's true shapes (bf16)
   ÷ its file size (goal <= 1.2). Measured in a fresh process: peak RSS minus the RSS before loading.
@@ -8,6 +8,10 @@
 - followup_ttft_ratio: time to first token of a follow-up on the same image ÷ the first turn's
   (goal <= 0.25; re-encoding and re-prefilling, as the official demo does, gives about 1.0).
 - mining_overhead: image encoding with the mining maps kept ÷ without (goal <= 1.03).
+- upload_peak_mb: peak extra memory (RSS high-water mark over the RSS with the decoded image already
+  held, in a fresh process) of preprocessing + heatmap overlay + zoom for a 16000x1 and a 40000x1000
+  image, worst of MGM's 768 px and HD 1536 px HR sides (goal < 100; padding at full resolution cost
+  +3.5 GB and ~22 GB). Per image and HR side under upload_peak_detail.
 The speed model is built on the fly, large enough for CPU timings to mean something.
 """
 from __future__ import annotations
@@ -103,14 +107,82 @@ def bench_load_memory(workdir: Path) -> dict:
         print("writing a random MGM-2B-shaped checkpoint (bf16, ~6 GB)…", file=sys.stderr)
         write_random_checkpoint(ckpt, mgm_2b_config())
     size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", _MEASURE, str(ckpt)], capture_output=True, text=True, cwd=root,
-                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    # the child imports this very package: hand it our import path
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(ckpt)], capture_output=True, text=True,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path)))
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
     m = json.loads(out.stdout.strip().splitlines()[-1])
     return {"load_memory_ratio": round((m["peak"] - m["base"]) / size, 3), "checkpoint_gb": round(size / 1e9, 2),
             "load_peak_gb": round((m["peak"] - m["base"]) / 1e9, 2), "load_seconds": round(m["seconds"], 1)}
+
+
+# ---- memory of huge / odd uploads -----------------------------------------------------------------
+UPLOAD_SIZES = ((16000, 1), (40000, 1000))
+UPLOAD_MODELS = {"768": (336, 768, 1, False), "hd1536": (336, 1536, 2, True)}  # lr, hr, grid, global view
+
+_MEASURE_UPLOAD = r"""
+import json, sys, time
+import numpy as np
+from PIL import Image
+from mini_gemini.modeling.image_processing import ImageProcessor
+from mini_gemini.viz import heatmap as hm
+def status():
+    with open('/proc/self/status') as f:
+        return {l.split(':')[0]: int(l.split()[1]) * 1024 for l in f if l.startswith(('VmRSS', 'VmHWM'))}
+def trim():  # hand freed heap back, so that the baseline holds no reusable slack from earlier work
+    try:
+        import ctypes
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+def reset_peak():
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # VmHWM := VmRSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+def work(img, lr, hr, grid, glob):
+    ImageProcessor(lr, hr, grid, glob)(img)
+    layout = hm.Layout(side=lr // 14, patch=hr // 4 // grid // (lr // 14), grid=grid, global_view=glob)
+    scores = np.random.default_rng(0).random((layout.views, layout.tokens))
+    square = hm.assemble(scores, layout)
+    hm.overlay(img, square, mark=hm.cell_in_photo(layout, 0, 0, img.size, hm.display_size(*img.size)))
+    for view, token in ((0, 0), (layout.views - 1, layout.tokens // 2)):
+        hm.zoom(img, layout, view, token, np.full(layout.patch ** 2, 1 / layout.patch ** 2))
+sizes, models = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+for spec in models.values():  # warm-up: imports, lazy tables, allocator arenas
+    work(Image.new('RGB', (64, 48), (10, 200, 30)), *spec)
+out = {}
+for w, h in sizes:
+    img = Image.new('RGB', (w, h), (10, 200, 30))  # the decoded upload: held before the baseline
+    img.putpixel((w // 2, h // 2), (255, 255, 255))
+    for name, spec in models.items():
+        trim()
+        base = status()['VmRSS']
+        exact = reset_peak()
+        t = time.perf_counter()
+        work(img, *spec)
+        out.setdefault(f'{w}x{h}', {})[name] = {'peak_mb': round((status()['VmHWM'] - base) / 1e6, 1),
+                                                'seconds': round(time.perf_counter() - t, 2), 'peak_reset': exact}
+    del img
+print(json.dumps(out))
+"""
+
+
+def bench_upload_memory(sizes=UPLOAD_SIZES, models=None) -> dict:
+    """Peak extra memory of preprocessing + heatmaps for huge, odd uploads, measured in a fresh process
+    (VmHWM reset through /proc/self/clear_refs before each; where that is refused, the figure is an
+    upper bound: the process's earlier peak counts too)."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", _MEASURE_UPLOAD, json.dumps(sizes), json.dumps(models or UPLOAD_MODELS)],
+                         capture_output=True, text=True, cwd=root, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    detail = json.loads(out.stdout.strip().splitlines()[-1])
+    worst = max(m["peak_mb"] for d in detail.values() for m in d.values())
+    return {"upload_peak_mb": worst, "upload_peak_detail": detail}
 
 
 # ---- speed ----------------------------------------------------------------------------------------
@@ -233,15 +305,18 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     ap.add_argument("--skip-load", action="store_true", help="skip the MGM-2B loading-memory measurement")
     ap.add_argument("--load-only", action="store_true")
+    ap.add_argument("--upload-only", action="store_true", help="only the huge-upload memory figure")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mgm-bench"))
     args = ap.parse_args(argv)
     results = {}
     if not args.load_only:
+        results.update(bench_upload_memory())
+    if not (args.load_only or args.upload_only):
         results.update(bench_speed())
-    if not args.skip_load:
+    if not (args.skip_load or args.upload_only):
         results.update(bench_load_memory(Path(args.workdir)))
     goals = {"load_memory_ratio": "<= 1.2", "decode_ratio": ">= 0.95", "followup_ttft_ratio": "<= 0.25",
-             "mining_overhead": "<= 1.03"}
+             "mining_overhead": "<= 1.03", "upload_peak_mb": "< 100"}
     for k, v in results.items():
         print(f"{k:>22}: {v}" + (f"   (goal {goals[k]})" if k in goals else ""))
     if args.json:

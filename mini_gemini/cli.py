@@ -4,14 +4,24 @@
     python -m mini_gemini.cli --model demo --image a.png --image b.png          # interactive chat
     python -m mini_gemini.cli --model DIR --image x.png --prompt "Draw it" --generate-image --json
 
-`--json` prints one JSON object as the last line (text, token_ids, prompt, image_prompt, image_path).
+`--json` prints one JSON object as the last line (text, token_ids, prompt, input_ids = the prompt's ids with
+-200 for each image, image_prompt, image_path); when anything fails it is one object with an `error` field
+(the message, also written to stderr) and an `error_kind` (a short tag: "usage", "model", "empty_message",
+an image's problem such as "unsupported" or "too_big", "too_long", "write", "internal", ...), and the exit
+status is not 0.
+`--ocr` reads the text in the images (needs: pip install "mini-gemini-studio[ocr]") and adds it to every message
+as the official demo does ("Reference OCR Token: ..."); the JSON object then has "ocr": one entry per image,
+{"texts": [...], "lines": [{"text", "confidence", "box": [[x, y] x 4] in image pixels}], "seconds", "width",
+"height", "scale"} (null for an image not read), else "ocr" is null.
 `--save-mining FILE.npz` writes one array per image (image0, image1, ...), shaped (views, LR tokens, P*P).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from .resources import resolve_model_name  # noqa: F401 - `demo` -> the bundled model's folder
@@ -32,39 +42,82 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
     ap.add_argument("--save-mining", metavar="FILE.npz", help="write the mining weights of every image")
     ap.add_argument("--generate-image", action="store_true", help="ask the model for an image (SDXL)")
+    ap.add_argument("--ocr", action="store_true", help="read the text in the images (OCR) and add it to every "
+                                                       "message as the official demo does (needs the ocr extra)")
     ap.add_argument("--sdxl", default=None, help="SDXL model id or folder (default: stable-diffusion-xl-base-1.0)")
     ap.add_argument("--out-dir", default=".", help="where generated images are written")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--load-in-4bit", action="store_true")
     ap.add_argument("--load-in-8bit", action="store_true")
+    ap.add_argument("--llm-server", metavar="URL", default=os.environ.get("MGM_LLM_SERVER") or None,
+                    help="run the LLM on this vLLM server (started on `mgm-export-llm` output with "
+                         "--enable-prompt-embeds), e.g. http://127.0.0.1:8000; env MGM_LLM_SERVER")
     return ap
 
 
+EMPTY_MESSAGE = ("Nothing to answer: the message is empty (or only spaces and control characters) and no image "
+                 "was given.")
+
+
+def _fail(message: str, kind: str, as_json: bool, code: int = 1, **extra) -> int:
+    """Report a failure: "error: ..." on stderr and, with --json, one JSON object on stdout."""
+    print(f"error: {message}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"error": message, "error_kind": kind, **extra}, ensure_ascii=False), flush=True)
+    return code
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    # known before parsing, so that even a usage error gives its JSON line (argparse accepts "--js" too)
+    as_json = any(len(a) > 3 and "--json".startswith(a) for a in argv)
+    try:
+        return _main(argv, as_json)
+    except KeyboardInterrupt:
+        return _fail("interrupted", "interrupted", as_json, 130)
+    except Exception as e:  # noqa: BLE001 - with --json every failure still ends with its JSON line
+        if not as_json:
+            raise
+        traceback.print_exc()
+        return _fail(f"{type(e).__name__}: {e}", "internal", as_json)
+
+
+def _main(argv: list[str], as_json: bool) -> int:
+    parser = build_parser()
+    if as_json:
+        def usage_error(message):
+            parser.print_usage(sys.stderr)
+            raise SystemExit(_fail(message, "usage", True, 2))
+        parser.error = usage_error
+    args = parser.parse_args(argv)
     from .chat.engine import Engine, GenOptions
+    from .chat.types import clean_text
+    if args.prompt is not None and not args.image and not clean_text(args.prompt).strip():
+        return _fail(EMPTY_MESSAGE, "empty_message", as_json)  # known before the model is loaded
     from .modeling.loading import ModelLoadError, load_pretrained
     try:
         model = load_pretrained(resolve_model_name(args.model), device=args.device, dtype=args.dtype,
                                 load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
                                 template=args.template)
-    except (ModelLoadError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ModelLoadError, ValueError, OSError) as e:
+        return _fail(str(e), "model", as_json, 2)
     imagegen = None
     if args.generate_image or args.sdxl:
         from .imagegen import DEFAULT_SDXL, ImageGenerator
         imagegen = ImageGenerator(args.sdxl or DEFAULT_SDXL, device=args.device)
-    engine = Engine(model, imagegen)
+    engine = Engine(model, imagegen, llm_server=args.llm_server)
     session = engine.session()
     options = GenOptions(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                         seed=args.seed, image_seed=args.seed)
+                         seed=args.seed, image_seed=args.seed, ocr=args.ocr)
     out_dir = Path(args.out_dir)
 
+    failure: dict = {}  # the last turn's error: {"error": message, "error_kind": tag}
+
     def run_turn(text, images, stream: bool):
-        """One turn; returns the finished Turn or None after an error (already reported)."""
+        """One turn; returns the finished Turn or None after an error (already printed, kept in `failure`)."""
         done = None
+        failure.clear()
         for ev in session.chat(text, images, generate_image=args.generate_image, options=options):
             if ev.kind == "delta" and stream:
                 print(ev.text, end="", flush=True)
@@ -72,10 +125,14 @@ def main(argv=None) -> int:
                 print(f"[{ev.text}]", file=sys.stderr)
             elif ev.kind == "error":
                 print(f"error: {ev.text}", file=sys.stderr)
+                failure.update(error=ev.text, error_kind=ev.data or "internal")
             elif ev.kind == "done":
                 done = ev.data
         if stream:
             print()
+        if done is None and not failure:  # the engine answers nothing at all to an empty message
+            failure.update(error=EMPTY_MESSAGE, error_kind="empty_message")
+            print(f"error: {failure['error']}", file=sys.stderr)
         return done
 
     def finish(turn):
@@ -87,20 +144,29 @@ def main(argv=None) -> int:
             turn.generated_image.save(image_path)
             print(f"[image written to {image_path}]", file=sys.stderr)
         if args.save_mining and session.images:
-            from .viz.heatmap import save_npz  # the same image{k} arrays the app's download holds
-            save_npz(args.save_mining, [im.attn.numpy() for im in session.images])
+            from .viz.heatmap import save_npz  # the one writer: the app's download holds the same arrays
+            save_npz(args.save_mining, [im.attn.numpy() for im in session.images],
+                     [im.gain.numpy() for im in session.images])
         return image_path
 
     if args.prompt is not None:
         turn = run_turn(args.prompt, args.image, stream=not args.json)
         if turn is None:
+            if args.json:
+                print(json.dumps(failure, ensure_ascii=False), flush=True)
             return 1
-        image_path = finish(turn)
+        try:
+            image_path = finish(turn)
+        except OSError as e:  # --out-dir or --save-mining cannot be written; the answer is still given
+            return _fail(f"Could not write the output: {e}", "write", as_json, 1, text=turn.assistant,
+                         token_ids=turn.token_ids)
         if args.json:
             print(json.dumps({"text": turn.assistant, "token_ids": turn.token_ids, "prompt": turn.prompt,
-                              "image_prompt": turn.image_prompt,
+                              "input_ids": turn.prompt_ids, "image_prompt": turn.image_prompt,
                               "image_path": str(image_path) if image_path else None,
-                              "notes": turn.notes}, ensure_ascii=False))
+                              "notes": turn.notes,
+                              "ocr": [dict(im.ocr.to_dict(), texts=im.ocr.texts) if im.ocr is not None else None
+                                      for im in session.images] if args.ocr else None}, ensure_ascii=False))
         return 0
 
     print(f"Mini-Gemini ({model.config.family}, template {model.processor.template.name}). Empty line or Ctrl-D to quit; "
@@ -126,7 +192,10 @@ def main(argv=None) -> int:
             continue
         pending = []
         if turn is not None:
-            finish(turn)
+            try:
+                finish(turn)
+            except OSError as e:
+                print(f"error: could not write the output: {e}", file=sys.stderr)
     return 0
 
 

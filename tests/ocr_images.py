@@ -15,7 +15,7 @@ import os
 import random
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -37,7 +37,7 @@ VOCABULARY = (
 ).split()
 
 
-@lru_cache(maxsize=None)
+@cache
 def font_path(style: str) -> str:
     import matplotlib
     path = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", FONT_FILES[style])

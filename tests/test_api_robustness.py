@@ -21,6 +21,7 @@ from PIL import Image
 from corpus import EXPECT, make_corpus
 from helpers import FaultyStreamer
 from mini_gemini.constants import IMAGE_TOKEN_INDEX
+from mini_gemini.ui.markup import split_image_prompt
 from mini_gemini.chat.engine import MAX_USER_CHARS
 from mini_gemini.inputs.images import MAX_FILE_BYTES, image_key
 
@@ -265,7 +266,9 @@ def test_failed_image_generation_keeps_the_text_answer(srv, monkeypatch):
     c = client(srv)
     reply, image, _ = chat(c, "Draw a red square on a white table.", generate_image=True)
     (turn,) = session(srv, c).turns
-    assert image is None and turn.assistant and reply.startswith(turn.assistant)
+    text, prompt = split_image_prompt(turn.assistant)  # the reply shows the prompt as such, never raw tags
+    assert image is None and turn.assistant and reply.startswith(text) and "<h>" not in reply
+    assert (f"Image prompt: {prompt}" in reply) == bool(prompt)
     assert "Note: Image generation failed:" in reply and "The text answer is kept." in reply
     clean(reply)
     assert chat(c, "Thanks!")[0] is not None and len(session(srv, c).turns) == 2

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from mini_gemini.viz import heatmap as hm
+from mini_gemini.viz.legend import LEGEND_HEIGHT
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "assets" / "examples" / "squares-1.png"
@@ -243,7 +244,7 @@ def test_api_sessions_follow_ups_heatmaps_and_images(app_url):
     assert [g["caption"] for g in gallery] == ["Image 1: mining focus", "Image 1: mining gain"]
     for g in gallery:  # real pictures, in the photo's own geometry (512 x 384)
         with Image.open(g["image"]) as im:
-            assert im.size == (512, 384)
+            assert im.size == (512, 384 + LEGEND_HEIGHT)  # the photo's shape, and a colour bar
 
     # B never sees A's history: same answer as a fresh client, and no heatmaps of A's image
     b_reply, _, b_gallery = b.predict(FOLLOW_UP, [], False, 0.0, api_name="/chat")
@@ -255,7 +256,8 @@ def test_api_sessions_follow_ups_heatmaps_and_images(app_url):
 
     # generate_image=True returns a real PNG drawn by the (tiny) SDXL
     reply, image, _ = b.predict("Draw a red square on a white table.", [], True, 0.0, api_name="/chat")
-    assert image is not None and "<h>" in reply
+    # the reply shows the prompt the LLM wrote as such, never its raw tags
+    assert image is not None and "\n\nImage prompt: " in reply and "<h>" not in reply and "</h>" not in reply
     with open(image, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with Image.open(image) as im:
@@ -283,3 +285,14 @@ def test_the_page_serves_the_examples_and_config(app_url):
         config = json.load(r)
     endpoints = [d.get("api_name") for d in config["dependencies"] if d.get("api_visibility") == "public"]
     assert endpoints == ["chat"]   # the UI's own events are not part of the public API
+
+
+def test_demo_model_questions_outside_its_task_are_flagged(app_module):
+    """The bundled demo model knows digits and coloured squares only: other questions get a note."""
+    from mini_gemini.training.synthetic import DIGIT_QUESTIONS, is_task_question
+    assert all(is_task_question(q.format(c="red")) for q in DIGIT_QUESTIONS)
+    assert is_task_question("How many squares are there?") and is_task_question("Is there a blue square?")
+    assert not is_task_question("What is in this picture?") and not is_task_question("Describe the cat.")
+    loader = app_module.Loader(app_module.parse_args(["--model", "demo", "--sdxl", "none", "--device", "cpu"]))
+    loader._run()
+    assert loader.demo and loader.engine is not None and not loader.banner

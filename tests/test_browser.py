@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mini_gemini.modeling.config import MGMConfig
 from mini_gemini.viz import heatmap as hm
+from mini_gemini.viz.legend import LEGEND_HEIGHT
 from test_app import EXAMPLE, QUESTION, ROOT, start_app
 
 SHOTS = ROOT / "artifacts" / "screenshots"
@@ -90,27 +92,29 @@ def test_chat_heatmap_zoom_image_and_markup(browser_page, tiny_checkpoint):
     assert page.locator("#mgm-chat .user-row img").count() == 1     # the image is shown in its turn
     assert QUESTION in page.locator("#mgm-chat .user-row").last.inner_text()
 
-    # 2. the mining heatmap of the image, in the photo's geometry
+    # 2. the mined HR pixels of the image, in the photo's geometry, at HR-feature resolution
+    cfg = MGMConfig.from_dict(json.loads((tiny_checkpoint("vicuna") / "config.json").read_text()))
+    layout_px = hm.Layout.from_config(cfg).side * hm.Layout.from_config(cfg).patch
     overlay = page.locator("#mgm-overlay img")
     overlay.wait_for()
     page.wait_for_selector("#mgm-gain img")
     natural = page.evaluate("() => { const i = document.querySelector('#mgm-overlay img');"
                             " return [i.naturalWidth, i.naturalHeight]; }")
-    assert natural == [512, 384]
-    assert "focus" in page.locator("#mgm-caption").inner_text()
+    assert natural == [512, 384 + LEGEND_HEIGHT]                     # the photo's shape, and its colour bar
+    caption = page.locator("#mgm-caption").inner_text()
+    assert "high-resolution details" in caption and f"{layout_px}×{layout_px}" in caption
     page.screenshot(path=str(SHOTS / "01-answer-and-heatmap.png"), full_page=True)
 
     # 3. click the centre of one LR token's cell: that token's candidates appear, zoomed
-    config = json.loads((tiny_checkpoint("vicuna") / "config.json").read_text())
-    from mini_gemini.modeling.config import MGMConfig
-    layout = hm.Layout.from_config(MGMConfig.from_dict(config))
+    layout = hm.Layout.from_config(cfg)
     token = 2 * layout.side + 2                                    # row 2, column 2: holds part of the red square
     x0, y0, x1, y1 = hm.cell_in_photo(layout, 0, token, (512, 384))
     box = overlay.bounding_box()
     # Gradio maps a click to natural pixels through the scale of the shown picture (never above 1)
-    scale = min(box["width"] / 512, box["height"] / 384, 1)
+    tall = 384 + LEGEND_HEIGHT
+    scale = min(box["width"] / 512, box["height"] / tall, 1)
     left = box["x"] + (box["width"] - 512 * scale) / 2
-    top = box["y"] + (box["height"] - 384 * scale) / 2
+    top = box["y"] + (box["height"] - tall * scale) / 2
     page.mouse.click(left + (x0 + x1) / 2 * scale, top + (y0 + y1) / 2 * scale)
     page.wait_for_selector("#mgm-zoom img")
     page.wait_for_selector(f"#mgm-zoom-text :text('token {token})')")
@@ -129,7 +133,7 @@ def test_chat_heatmap_zoom_image_and_markup(browser_page, tiny_checkpoint):
     with page.expect_download() as download:
         page.click("text=Download PNG")
     with Image.open(download.value.path()) as im:
-        assert im.format == "PNG" and im.size == (512, 384)
+        assert im.format == "PNG" and im.size == (512, 384 + LEGEND_HEIGHT)  # with its colour bar
 
     # 4. ask for a picture: progress while diffusing, then the image inline with the prompt the LLM wrote
     page.check("#mgm-gen input")

@@ -29,13 +29,17 @@ def check_answer(out: dict, mining_file: Path, folder: Path, images, template: s
     ref = Reference(folder)
     prompt, expect, ref_attn = ref.answer([Image.open(p) for p in images], PROMPT, template, max_new=5)
     assert out["prompt"] == prompt == official_prompt(template, PROMPT, len(images))
+    assert out["input_ids"] == ref.tokenize(prompt) and out["input_ids"].count(-200) == len(images)
     assert out["token_ids"] == expect
     assert out["text"] == ref.tokenizer.decode(expect, skip_special_tokens=True).strip()
     saved = np.load(mining_file)
-    assert sorted(saved.files) == [f"image{i}" for i in range(len(images))]
+    # the one documented layout (the app's download is the same): image{k} weights and gain{k}
+    assert sorted(saved.files) == sorted([f"image{i}" for i in range(len(images))] +
+                                         [f"gain{i}" for i in range(len(images))])
     for i, w in enumerate(ref_attn):
         arr = saved[f"image{i}"]
         assert arr.dtype == np.float32 and arr.shape == (views, 16, 16)
+        assert saved[f"gain{i}"].dtype == np.float32 and saved[f"gain{i}"].shape == (views, 16)
         np.testing.assert_allclose(arr, w.numpy(), atol=2e-6, rtol=1e-4)
 
 
@@ -75,7 +79,10 @@ def test_cli_bad_image_path_fails_clearly(tiny_checkpoint, tmp_path, capsys):
     err = capsys.readouterr()
     assert code != 0
     assert "error:" in err.err and "no-such-photo.png" in err.err and "Could not open" in err.err
-    assert not err.out.strip()  # no JSON answer for a failed turn
+    (line,) = err.out.strip().splitlines()  # one JSON object, with the error instead of an answer
+    out = json.loads(line)
+    assert "no-such-photo.png" in out["error"] and "Could not open" in out["error"] and out["error_kind"]
+    assert "text" not in out
 
 
 def test_cli_bad_model_path_fails_clearly(tmp_path, capsys):
@@ -83,6 +90,63 @@ def test_cli_bad_model_path_fails_clearly(tmp_path, capsys):
     code = main(["--model", str(tmp_path / "MGM-missing"), "--prompt", "Hi"])
     assert code != 0
     assert "not found" in capsys.readouterr().err
+    code = main(["--model", str(tmp_path / "MGM-missing"), "--prompt", "Hi", "--json"])
+    err = capsys.readouterr()
+    assert code == 2 and "not found" in err.err
+    out = json.loads(err.out.strip())
+    assert "not found" in out["error"] and out["error_kind"] == "model"
+
+
+def test_cli_blank_prompt_says_why_on_stderr_and_in_json(tiny_checkpoint, tmp_path):
+    folder = tiny_checkpoint("vicuna")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    for extra in (["--json"], []):
+        cmd = [sys.executable, "-m", "mini_gemini.cli", "--model", str(folder), "--prompt", "   ", *extra]
+        run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1 and "error: Nothing to answer" in run.stderr and "empty" in run.stderr
+        if extra:
+            (line,) = run.stdout.strip().splitlines()
+            out = json.loads(line)
+            assert out["error"].startswith("Nothing to answer") and out["error_kind"] == "empty_message"
+        else:
+            assert not run.stdout.strip()
+
+
+def test_cli_json_every_failure_is_one_json_line(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    from mini_gemini import cli
+    folder = str(tiny_checkpoint("vicuna"))
+    # a usage error (argparse exits 2)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--model", folder, "--prompt", "Hi", "--temperature", "warm", "--json"])
+    err = capsys.readouterr()
+    assert exc.value.code == 2 and "error:" in err.err
+    out = json.loads(err.out.strip())
+    assert out["error_kind"] == "usage" and "warm" in out["error"]
+    # a file that is not an image
+    bad = tmp_path / "notes.png"
+    bad.write_text("not a picture")
+    assert cli.main(["--model", folder, "--image", str(bad), "--prompt", "Hi", "--json"]) == 1
+    err = capsys.readouterr()
+    out = json.loads(err.out.strip())
+    assert "error:" in err.err and out["error"] and out["error_kind"] not in (None, "internal")
+    # an output that cannot be written: the answer comes with the error
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    good = write_images(tmp_path)[0]
+    code = cli.main(["--model", folder, "--image", str(good), "--prompt", "Hi", "--json", "--max-new-tokens", "2",
+                     "--save-mining", str(blocker / "m.npz")])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 1 and out["error_kind"] == "write" and "token_ids" in out
+    # anything unexpected
+    import mini_gemini.chat.engine as engine_mod
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(engine_mod.Engine, "session", broken)
+    assert cli.main(["--model", folder, "--prompt", "Hi", "--json"]) == 1
+    err = capsys.readouterr()
+    out = json.loads(err.out.strip())
+    assert out == {"error": "RuntimeError: boom", "error_kind": "internal"} and "Traceback" in err.err
 
 
 def test_cli_generate_image_writes_png_and_reports_its_prompt(tiny_checkpoint, tiny_sdxl, tmp_path, capsys):
@@ -96,7 +160,7 @@ def test_cli_generate_image_writes_png_and_reports_its_prompt(tiny_checkpoint, t
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["prompt"].endswith("Draw a cat <GEN> ASSISTANT:")  # the official demo's tag, then the answer
     from mini_gemini.imagegen import extract_image_prompt
-    assert out["image_prompt"] and extract_image_prompt(out["text"]) == out["image_prompt"]
+    assert out["image_prompt"] and extract_image_prompt(out["text"]).startswith(out["image_prompt"])  # as drawn
     png = Path(out["image_path"])
     assert png.parent == out_dir and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(png) as im:

@@ -93,3 +93,77 @@ def test_mining_looks_at_the_digit(heldout):
 
 def test_reads_small_digits_on_held_out_scenes(heldout):
     assert heldout["accuracy"] >= 0.85, heldout
+
+
+# ---- one conversation, many pictures: the engine keeps earlier images and answers in the prompt -------------
+EXAMPLES = DEMO.parent / "examples"
+GREEDY = dict(temperature=0, max_new_tokens=4)
+
+
+def _turn(session, question, images=()):
+    from mini_gemini.chat.engine import GenOptions
+    events = list(session.chat(question, list(images), options=GenOptions(**GREEDY)))
+    done = [e for e in events if e.kind == "done"]
+    assert done, events
+    return done[0].data.assistant.strip().rstrip(".")
+
+
+def test_the_three_examples_in_one_conversation(demo):
+    from mini_gemini.chat.engine import Engine
+    session = Engine(demo).session()
+    got = [_turn(session, "What digit is in the red square?", [EXAMPLES / f"squares-{k}.png"]) for k in (1, 2, 3)]
+    assert got == ["7", "3", "5"]
+    # and back to an earlier picture by its number, after a text-only turn
+    _turn(session, "Thanks! My children drew these pictures for a game; we play it every evening.")
+    assert _turn(session, "What digit is in the red square of Image 2?") == "3"
+
+
+def _conversation(rng: random.Random):
+    """Turns (question, new images, right answer or None) over three pictures from `other_layout`,
+    phrased and ordered by this test's own code (not the training generator)."""
+    a, b, c = (other_layout(rng) for _ in range(3))
+
+    def digit_q(sc):
+        return f"What digit is in the {sc.square_of_digit().colour} square?", str(sc.digit)
+
+    def colour_q(sc):
+        return "What colour is the square with the digit?", sc.square_of_digit().colour
+
+    def count_q(sc):
+        return "How many squares are there?", str(len(sc.squares))
+
+    def yes_no_q(sc):
+        colour = rng.choice(sorted(PURE))
+        return f"Is there a {colour} square?", "Yes" if colour in {s.colour for s in sc.squares} else "No"
+
+    qa, qb, qc = digit_q(a), digit_q(b), rng.choice((count_q, yes_no_q, colour_q))(c)
+    back = rng.choice((a, b))
+    k = 1 if back is a else 2
+    q_back, ans_back = digit_q(back)
+    q_back = (q_back[:-1] + f" of Image {k}?") if rng.random() < 0.5 else f"In Image {k}, " + q_back[0].lower() + q_back[1:]
+    turns = [(qa[0], [a.image], qa[1])]
+    if rng.random() < 0.5:
+        turns.append(("By the way, we drew these on a rainy afternoon and the children loved it.", [], None))
+    turns += [(qb[0], [b.image], qb[1]), (q_back, [], ans_back), (qc[0], [c.image], qc[1])]
+    q2, a2 = colour_q(b)
+    turns.append((q2[:-1] + " in Image 2?", [], a2))
+    return turns
+
+
+def test_multi_image_conversations_drawn_by_other_code(demo):
+    from mini_gemini.chat.engine import Engine
+    engine = Engine(demo)
+    right = total = 0
+    wrong = []
+    for i in range(6):
+        session = engine.session()
+        for question, images, answer in _conversation(random.Random(f"conversation-{i}")):
+            got = _turn(session, question, images)
+            if answer is None:
+                continue
+            total += 1
+            right += got.lower() == answer.lower()
+            if got.lower() != answer.lower():
+                wrong.append((i, question, answer, got))
+        engine.end_session(session.id)
+    assert right / total >= 0.8, (right, total, wrong)

@@ -218,8 +218,10 @@ def test_forced_h_prompt_renders_a_png_with_tiny_sdxl(vicuna, tiny_sdxl, tmp_pat
     events, turn = run(eng.session(), "Please generate an image of a cat.", generate_image=True, options=opts)
     assert " <GEN>" in turn.prompt
     assert turn.image_prompt and turn.image_prompt.strip()
-    # the LLM wrote it after a forced <h>, and it is part of the answer
-    assert turn.assistant.endswith("</h>") and extract_image_prompt(turn.assistant) == turn.image_prompt
+    # the LLM wrote it after a forced <h>, and it is part of the answer (cut to what SDXL reads, if longer)
+    written = extract_image_prompt(turn.assistant)
+    assert turn.assistant.endswith("</h>") and written.startswith(turn.image_prompt)
+    assert (written != turn.image_prompt) == any(n.kind == "image_prompt" and "shortened" in n for n in turn.notes)
     assert "".join(e.text for e in kinds(events, "delta")) == turn.assistant
     assert kinds(events, "progress") and not kinds(events, "error")
     (image_event,) = kinds(events, "image")
@@ -246,6 +248,35 @@ def test_model_written_h_prompt_is_used(vicuna, monkeypatch):
     assert gen.prompts == ["a red cat on a mat"] and turn.image_prompt == "a red cat on a mat"
     assert len(calls) == 1  # no continuation needed
     assert kinds(events, "image") and any(e.data == 0.5 for e in kinds(events, "progress"))
+
+
+def test_long_image_prompts_are_cut_to_sdxl_clip_tokens_and_the_user_is_told(vicuna, tiny_sdxl, monkeypatch):
+    from mini_gemini.imagegen import ImageGenerator
+    gen = ImageGenerator(str(tiny_sdxl), device="cpu")
+    eng = Engine(vicuna, gen)
+    long = " ".join(["a beautiful red cat on the blue sea at night, photo of a green tree"] * 8)
+    opts = GenOptions(temperature=0, max_new_tokens=400, steps=1, image_seed=0)
+    cases = {
+        "closed by the model": (("Sure! <h>" + long + "</h>",), "Draw a cat"),
+        "continued after a forced <h>": (("Sure!", " " + long + "</h>"), "Draw a cat"),
+        "the user's message": (("Sure!", ""), long),
+    }
+    for name, (texts, message) in cases.items():
+        scripted(monkeypatch, vicuna, *texts)
+        events, turn = run(eng.session(), message, generate_image=True, options=opts)
+        fitted = gen.fit_prompt(long)
+        assert fitted.cut and turn.image_prompt == fitted.text, name  # the text actually drawn
+        assert long.startswith(turn.image_prompt) and len(turn.image_prompt) < len(long)
+        (note,) = [n for n in turn.notes if n.kind == "image_prompt" and "shortened" in n]
+        assert f"shortened to {fitted.tokens} CLIP tokens" in note and "at most 75" in note, name
+        assert note.endswith(fitted.text) and note in [e.text for e in kinds(events, "notice")]
+        (image,) = kinds(events, "image")
+        assert image.text == turn.image_prompt and gen.last_prompt == turn.image_prompt, name
+        if message != long:
+            assert long in turn.assistant  # the answer keeps what the model wrote
+    scripted(monkeypatch, vicuna, "Sure! <h>a red cat</h>")  # a short prompt: drawn as written, no note
+    events, turn = run(eng.session(), "Draw a cat", generate_image=True, options=opts)
+    assert turn.image_prompt == "a red cat" and not [n for n in turn.notes if n.kind == "image_prompt"]
 
 
 def test_unclosed_h_prompt_is_continued_by_the_model(vicuna, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mini_gemini.imagegen import (DEFAULT_SDXL, NEGATIVE_PROMPT, ImageGenError, ImageGenerator,
+from mini_gemini.imagegen import (DEFAULT_SDXL, NEGATIVE_PROMPT, ImageGenError, ImageGenerator, fit_to_tokens,
                                   extract_image_prompt)
 from mini_gemini.testing.tiny_sdxl import IMAGE_SIZE, build_tiny_sdxl
 
@@ -101,6 +101,37 @@ def test_size_rounded_to_multiple_of_8(generator):
     assert img.size == (80, 48)
 
 
+LONG_PROMPT = " ".join(["a beautiful red cat on the blue sea at night, photo of a green tree"] * 8)
+
+
+def test_fit_to_tokens_cuts_after_the_last_whole_word_that_fits():
+    words = lambda text: len(text.split()) + text.count(",")  # noqa: E731 - a "tokenizer": words and commas
+    assert fit_to_tokens("  a red cat  ", words, 3) == ("a red cat", 3, 3, False)
+    assert fit_to_tokens("a red cat, on a mat", words, 4) == ("a red cat,", 4, 4, True)
+    assert fit_to_tokens("a red cat, on a mat", words, 3) == ("a red", 2, 3, True)
+    assert fit_to_tokens("abcdefgh ij", len, 5) == ("abcde", 5, 5, True)  # one long first word: cut inside it
+
+
+def test_long_prompt_is_cut_to_the_clip_tokens_sdxl_reads(generator):
+    tok, tok2 = generator._pipe.tokenizer, generator._pipe.tokenizer_2
+    assert len(tok(LONG_PROMPT, verbose=False).input_ids) > tok.model_max_length  # diffusers would cut it
+    fitted = generator.fit_prompt(LONG_PROMPT)
+    assert fitted.cut and fitted.limit == tok.model_max_length - 2 == 75
+    assert LONG_PROMPT.startswith(fitted.text) and LONG_PROMPT[len(fitted.text)] == " "  # whole words
+    for t in (tok, tok2):
+        ids = t(fitted.text, verbose=False).input_ids  # start and end marks included: nothing is left out
+        assert len(ids) <= t.model_max_length and len(ids) - 2 <= fitted.tokens
+    next_word = LONG_PROMPT[:LONG_PROMPT.index(" ", len(fitted.text) + 1)]
+    assert len(tok(next_word, add_special_tokens=False, verbose=False).input_ids) > 75  # the longest that fits
+    assert generator.fit_prompt("a red cat") == ("a red cat", 3, 75, False)  # whole-word merges
+    one_word = generator.fit_prompt("x" * 300)
+    assert one_word.cut and one_word.text == "x" * one_word.tokens and 0 < one_word.tokens <= 75
+    # generate draws exactly the fitted text
+    img = generator.generate(LONG_PROMPT, steps=2, seed=1)
+    assert generator.last_prompt == fitted.text
+    assert np.array_equal(np.asarray(img), np.asarray(generator.generate(fitted.text, steps=2, seed=1)))
+
+
 def test_concurrent_generate_is_serialised(generator):
     results, errors = [None, None], []
 
@@ -184,3 +215,32 @@ def test_default_model_not_cached_message_and_retry(monkeypatch, tiny_sdxl_dir):
     assert not gen.loaded
     fail["on"] = False
     assert gen.load().loaded and gen.native_size() == IMAGE_SIZE
+
+
+def test_a_failed_load_is_remembered_until_its_cause_changes(tmp_path, monkeypatch):
+    """Offline with nothing cached: one clear sentence, no second trip to the hub, and the generator says
+    it is unavailable; once the cause changes (the folder appears), it loads."""
+    from diffusers import StableDiffusionXLPipeline
+    calls = []
+    real = StableDiffusionXLPipeline.from_pretrained.__func__
+    monkeypatch.setattr(StableDiffusionXLPipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **kw: calls.append(a) or real(cls, *a, **kw)))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = ImageGenerator("no-such-org/no-such-sdxl", device="cpu")
+    with pytest.raises(ImageGenError) as first:
+        hub.load()
+    message = str(first.value)
+    assert "hf download no-such-org/no-such-sdxl" in message and "stacktrace" not in message.lower()
+    assert hub.unavailable == message and len(calls) == 1
+    with pytest.raises(ImageGenError, match="not downloaded"):
+        hub.load()
+    assert len(calls) == 1  # remembered: the hub is not asked again while nothing changed
+
+    folder = tmp_path / "sdxl"
+    local = ImageGenerator(str(folder), device="cpu")
+    with pytest.raises(ImageGenError, match="does not exist"):
+        local.load()
+    assert local.unavailable and not local.loaded
+    build_tiny_sdxl(folder, seed=0)  # the cause changed
+    assert local.unavailable is None
+    assert local.load().loaded and local.failure is None

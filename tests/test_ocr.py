@@ -8,12 +8,11 @@ import threading
 import time
 
 import pytest
-from PIL import Image, ImageDraw
+from ocr_images import draw_text, drawn_set, scene, word_scores
+from PIL import Image
 
 from mini_gemini.inputs import ocr
-from mini_gemini.inputs.ocr import (ImageText, OcrReader, OcrResult, OcrUnavailable, format_ocr_tokens,
-                                    ocr_token_lines)
-from ocr_images import draw_text, drawn_set, scene, word_scores
+from mini_gemini.inputs.ocr import ImageText, OcrReader, OcrResult, OcrUnavailable, format_ocr_tokens, ocr_token_lines
 
 NEEDS_OCR = "OCR extra not installed (pip install rapidocr onnxruntime)"
 
@@ -43,7 +42,8 @@ def test_several_images_say_whose_text_it_is():
     # explicit prompt numbers (e.g. an image of an earlier turn has no text)
     assert format_ocr_tokens([ImageText(2, ["EXIT"])], numbered=True) == \
         "\nReference OCR Token: Image 2: EXIT\n"
-    assert ocr_token_lines([ImageText(1, ["a", " ", "b"])], numbered=False) == ["a, b"]
+    assert ocr_token_lines([ImageText(1, ["a", " ", "b"])], numbered=False) == [("", "a, b")]
+    assert ocr_token_lines([ImageText(4, ["x"]), ImageText(5, [])], numbered=True) == [("Image 4: ", "x")]
 
 
 def test_no_text_gives_nothing():
@@ -56,6 +56,18 @@ def test_no_text_gives_nothing():
 def test_texts_stay_on_one_line():
     assert format_ocr_tokens([["two\nlines", "tab\there"]]) == \
         "\nReference OCR Token: two lines, tab here\n"
+
+
+def test_prompt_texts_keep_whole_lines_within_the_budget():
+    lines = tuple(ocr.OcrLine(t, 0.9, ((0, 0), (1, 0), (1, 1), (0, 1))) for t in ["abcd", "efgh", "ijkl"])
+    result = OcrResult(lines=lines)
+    assert result.prompt_texts(None) == ("abcd", "efgh", "ijkl")
+    assert result.prompt_texts(10) == ("abcd", "efgh")  # "abcd, efgh" is 10 characters
+    assert result.prompt_texts(9) == ("abcd",)
+    assert result.prompt_texts(3) == ()
+    assert not result.truncated
+    many = OcrResult(lines=lines * 200)  # 600 lines, 3,598 characters joined
+    assert many.truncated and len(", ".join(many.prompt_texts())) <= ocr.MAX_PROMPT_CHARS
 
 
 def test_a_bare_string_is_refused():

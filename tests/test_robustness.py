@@ -147,6 +147,31 @@ def test_control_characters_removed_scripts_and_emoji_survive(vicuna):
     assert msg in vicuna.processor.tokenizer.decode([i for i in turn.prompt_ids if i >= 0])
 
 
+# ---- edge values -------------------------------------------------------------------------------------------
+def test_every_option_value_answers_and_tiny_temperatures_are_greedy(vicuna):
+    """Whatever an API caller sends, the turn is answered: no "probability tensor contains inf/nan"."""
+    eng = Engine(vicuna)
+    greedy = run(eng.session(), "Hello there!", options=GenOptions(temperature=0.0, max_new_tokens=4))[1].token_ids
+    nan, inf = float("nan"), float("inf")
+    as_greedy = [dict(temperature=t) for t in (1e-45, 5e-324, 1e-300, 1e-38, 1e-20, 9.99e-5, -1e-45, -1.0, -inf, nan,
+                                               "not a number", None)]
+    as_greedy += [dict(temperature=0.7, top_p=p) for p in (0.0, 1e-300, 1e-3)]  # only the top token is left
+    other = [dict(temperature=t) for t in (1e-4, 1e-3, 1e300, inf, 10.0)]
+    other += [dict(temperature=1.0, top_p=p) for p in (-1.0, nan, inf, 2.0)]
+    other += [dict(temperature=1.0, seed=s) for s in (2**70, -1, -2**70, nan, inf, "x")]
+    other += [dict(temperature=0.0, max_new_tokens=m) for m in (0, -5, nan, inf, 1e300)]
+    for kw in as_greedy + other:
+        opts = GenOptions(**{"max_new_tokens": 4, **kw})
+        events, turn = run(eng.session(), "Hello there!", options=opts)
+        assert not kinds(events, "error") and turn is not None and turn.assistant is not None, (kw, events)
+        if kw in as_greedy:
+            assert turn.token_ids == greedy, kw
+    checked = GenOptions(temperature=1e-45, top_p=0.0, seed=2**64 + 3, width=10**9, height=-4).checked()
+    assert (checked.temperature, checked.top_p, checked.seed, checked.height) == (0.0, 1e-3, 3, 8)
+    assert checked.width == 4096
+    assert GenOptions(temperature=1e-4).checked().temperature == 1e-4  # the floor itself still samples
+
+
 # ---- faults ------------------------------------------------------------------------------------------------
 def _mid_stream_fault(real):
     def generate(*args, **kw):

@@ -43,10 +43,22 @@ class Engine:
     ocr_reader = None
 
     def __init__(self, model, image_generator=None, *, max_context: int | None = None,
-                 max_sessions: int = 256, kv_sessions: int = 4, images_per_session: int = 16):
+                 max_sessions: int = 256, kv_sessions: int = 4, images_per_session: int = 16,
+                 llm_server=None):
         self.model, self.imagegen = model, image_generator
         llm_ctx = getattr(model.config.llm, "max_position_embeddings", None) or 4096
         self.max_context = min(max_context or llm_ctx, llm_ctx)
+        # llm_server: URL of a vLLM server that runs the LLM (see chat/remote.py); None: the built-in engine
+        self.llm_server = None
+        if llm_server:
+            from .remote import LLMServer
+            self.llm_server = llm_server if isinstance(llm_server, LLMServer) else LLMServer(str(llm_server))
+            try:
+                self.llm_server.model()
+                if self.llm_server.max_model_len:
+                    self.max_context = min(self.max_context, int(self.llm_server.max_model_len))
+            except Exception:  # noqa: BLE001 - not up yet: asked again on the first answer
+                pass
         self.max_sessions, self.kv_sessions = max(1, max_sessions), max(0, kv_sessions)
         self.images_per_session = images_per_session
         self.sessions: OrderedDict[str, ChatSession] = OrderedDict()
@@ -163,6 +175,15 @@ class Engine:
             session.kv = None
 
     # ---- model work -----------------------------------------------------------------------------
+    def start_run(self, session: "ChatSession", ids, images, options, max_new: int, **kw):
+        """The LLM run of one answer (iterate it for text deltas; then .ids / .text / .cached; .abort()):
+        on the vLLM server when the engine has `llm_server`, else the built-in one."""
+        if self.llm_server is not None:
+            from .remote import RemoteRun
+            return RemoteRun(session, ids, images, options, max_new, **kw)
+        from .generation import LLMRun
+        return LLMRun(session, ids, images, options, max_new, **kw)
+
     def encode(self, pil) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One image -> (visual tokens (V*N, D), mining weights (V, N, P*P) and gain (V, N), float32 CPU)."""
         views = self.model.processor.image_processor(pil)

@@ -71,6 +71,92 @@ class _Halt(StoppingCriteria):
         return self._flags[key]
 
 
+class AnswerText:
+    """Token ids -> the answer's text, shared by every kind of LLM run (built-in or remote).
+
+    `feed(ids)` takes new ids as they come and returns the text to show now (incremental detokenisation, as
+    vLLM does it: a short window decoded from a little before the new tokens, ending where the text is final,
+    i.e. not inside a run of byte-fallback tokens nor on half a character); `hit` turns true once a stop text
+    was written (the run should then stop its model). `settle(ids)` gives the final (ids, text): trailing stop
+    ids dropped, text cut at a stop text and ids cut to the token that completed it. `rest(text)` is what the
+    stream still owes once the final text is known. `anchor`: ids the answer continues (decoded with it, so
+    that e.g. a word's leading space survives)."""
+
+    def __init__(self, engine, stop_texts=(), lstrip: bool = True, anchor=()):
+        self.engine, self.stop_texts, self.lstrip = engine, tuple(stop_texts), lstrip
+        self.anchor = list(anchor)[-8:]
+        while self.anchor and self.anchor[0] in engine.byte_ids:  # never start inside a byte run
+            self.anchor.pop(0)
+        self.hit = False
+        self._ids: list[int] = list(self.anchor)
+        self._prefix, self._read = 0, len(self._ids)
+        self._raw, self._out = "", ""    # raw: text decoded so far; out: text handed out so far
+
+    def feed(self, chunk) -> str:
+        eng = self.engine
+        tok = eng.model.processor.tokenizer
+        ids = self._ids
+        ids += chunk
+        end = len(ids)
+        while end > self._read and ids[end - 1] in eng.byte_ids:
+            end -= 1
+        if end <= self._read:
+            return ""
+        with eng._tok_lock:
+            before = tok.decode(ids[self._prefix:self._read], skip_special_tokens=True)
+            now = tok.decode(ids[self._prefix:end], skip_special_tokens=True)
+        if len(now) <= len(before) or now.endswith("\ufffd"):  # nothing new, or half a character
+            return ""
+        self._raw += now[len(before):]
+        self._prefix, self._read = self._read, end
+        text, hit = self.visible(self._raw, final=False)
+        self.hit = self.hit or hit
+        if len(text) > len(self._out):
+            delta, self._out = text[len(self._out):], text
+            return delta
+        return ""
+
+    def rest(self, text: str) -> Iterator[str]:
+        if len(text) > len(self._out) and text.startswith(self._out):
+            yield text[len(self._out):]
+            self._out = text
+
+    def visible(self, raw: str, final: bool) -> tuple[str, bool]:
+        """The answer as shown: leading space dropped (`lstrip`), cut at a stop text; while streaming,
+        trailing space and a possible start of a stop text are held back."""
+        text = raw.lstrip() if self.lstrip else raw
+        cuts = [i for i in (text.find(s) for s in self.stop_texts) if i >= 0]
+        if cuts:
+            return text[:min(cuts)].rstrip(), True
+        text = text.rstrip()
+        if not final:
+            for s in self.stop_texts:
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        return text[:-k].rstrip(), False
+        return text, False
+
+    def settle(self, new_ids) -> tuple[list[int], str]:
+        eng = self.engine
+        tok = eng.model.processor.tokenizer
+        ids = list(new_ids)
+        while ids and ids[-1] in eng.stop_ids:
+            ids.pop()
+        with eng._tok_lock:
+            base = tok.decode(self.anchor, skip_special_tokens=True)
+
+            def decode(new):
+                full = tok.decode(self.anchor + new, skip_special_tokens=True)
+                return full[len(base):] if full.startswith(base) else tok.decode(new, skip_special_tokens=True)
+            text, hit = self.visible(decode(ids), final=True)
+            if hit:  # keep the ids up to the stop text (the model may have run a step or two past it)
+                for k in range(1, len(ids) + 1):
+                    if self.visible(decode(ids[:k]), final=True)[1]:
+                        ids = ids[:k]
+                        break
+        return ids, text
+
+
 class LLMRun:
     """One `llm.generate` in a worker thread. Iterate it for text deltas; then `ids` and `text` hold the
     answer. `abort()` stops the model and waits for the worker (at most one decoding step)."""
@@ -82,10 +168,7 @@ class LLMRun:
         self.prompt_ids, self.images, self.options, self.max_new = ids, images, options, max_new
         self.items = items(ids, images)
         self.stop_texts, self.extra, self.lstrip = tuple(stop_texts), extra or {}, lstrip
-        # ids the answer continues (decoded with it, so that e.g. a word's leading space survives)
-        self.anchor = list(anchor)[-8:]
-        while self.anchor and self.anchor[0] in session.engine.byte_ids:  # never start inside a byte run
-            self.anchor.pop(0)
+        self.answer = AnswerText(session.engine, stop_texts, lstrip, anchor)  # ids -> text shown, stop texts
         self.halt = threading.Event()   # set when the consumer left or a stop text was written
         self.ids: list[int] = []
         self.text = ""
@@ -147,54 +230,16 @@ class LLMRun:
 
     # consumer side
     def __iter__(self) -> Iterator[str]:
-        eng = self.engine
-        tok = eng.model.processor.tokenizer
         self._thread.start()
-        ids: list[int] = list(self.anchor)
-        # Incremental detokenisation (as vLLM does it): decode a short window starting a little before
-        # the new tokens and emit what it adds. The window ends where the text is final: not inside a
-        # run of byte-fallback tokens (a later byte can turn the run into one character, or into "\ufffd"s)
-        # and not on half a character.
-        prefix, read = 0, len(ids)
-        raw, out = "", ""          # raw: text decoded so far; out: text handed out so far
+        answer = self.answer
         for chunk in self._stream.chunks():
-            ids += chunk
-            end = len(ids)
-            while end > read and ids[end - 1] in eng.byte_ids:
-                end -= 1
-            if end <= read:
-                continue
-            with eng._tok_lock:
-                before = tok.decode(ids[prefix:read], skip_special_tokens=True)
-                now = tok.decode(ids[prefix:end], skip_special_tokens=True)
-            if len(now) <= len(before) or now.endswith("\ufffd"):  # nothing new, or half a character
-                continue
-            raw += now[len(before):]
-            prefix, read = read, end
-            text, hit = self._visible(raw, final=False)
-            if hit:
+            delta = answer.feed(chunk)
+            if answer.hit:
                 self.halt.set()
-            if len(text) > len(out):
-                yield text[len(out):]
-                out = text
+            if delta:
+                yield delta
         self._finish()
-        if len(self.text) > len(out) and self.text.startswith(out):
-            yield self.text[len(out):]
-
-    def _visible(self, raw: str, final: bool) -> tuple[str, bool]:
-        """The answer as shown: leading space dropped (`lstrip`), cut at a stop text; while streaming,
-        trailing space and a possible start of a stop text are held back."""
-        text = raw.lstrip() if self.lstrip else raw
-        cuts = [i for i in (text.find(s) for s in self.stop_texts) if i >= 0]
-        if cuts:
-            return text[:min(cuts)].rstrip(), True
-        text = text.rstrip()
-        if not final:
-            for s in self.stop_texts:
-                for k in range(min(len(s) - 1, len(text)), 0, -1):
-                    if text.endswith(s[:k]):
-                        return text[:-k].rstrip(), False
-        return text, False
+        yield from answer.rest(self.text)
 
     def _finish(self):
         if self._finished:
@@ -203,23 +248,7 @@ class LLMRun:
         self._finished = True
         if self._error is not None:
             raise self._error
-        tok, eng = self.engine.model.processor.tokenizer, self.engine
-        ids = list(self._result or [])
-        while ids and ids[-1] in eng.stop_ids:
-            ids.pop()
-        with eng._tok_lock:
-            base = tok.decode(self.anchor, skip_special_tokens=True)
-
-            def decode(new):
-                full = tok.decode(self.anchor + new, skip_special_tokens=True)
-                return full[len(base):] if full.startswith(base) else tok.decode(new, skip_special_tokens=True)
-            text, hit = self._visible(decode(ids), final=True)
-            if hit:  # keep the ids up to the stop text (the model may have run a step or two past it)
-                for k in range(1, len(ids) + 1):
-                    if self._visible(decode(ids[:k]), final=True)[1]:
-                        ids = ids[:k]
-                        break
-        self.ids, self.text = ids, text
+        self.ids, self.text = self.answer.settle(self._result or [])
 
     def abort(self):
         """Stop the model (the consumer left or failed) and settle `ids` / `text` from what was made."""

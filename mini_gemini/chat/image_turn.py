@@ -8,13 +8,16 @@ from typing import TYPE_CHECKING, Iterator
 from ..constants import IMAGE_PROMPT_CLOSE, IMAGE_PROMPT_OPEN
 from ..imagegen import ImageGenError, extract_image_prompt
 from .failures import explain, free_memory
-from .generation import LLMRun, items
+from .generation import items
 from .types import Event, GenOptions, Note, Turn
 
 if TYPE_CHECKING:
     from .session import ChatSession
 
-MAX_IMAGE_PROMPT_TOKENS = 77  # SDXL's text encoders read 77 tokens
+# The most LLM tokens the model may write to complete an image prompt (a bound on generation only). What
+# SDXL reads is counted in its own CLIP tokens (77 with the start and end marks): every prompt, whoever
+# wrote it, is cut to that before drawing (ImageGenerator.fit_prompt), and the user is told (see draw).
+MAX_IMAGE_PROMPT_TOKENS = 77
 
 
 class _Stopped(Exception):
@@ -48,9 +51,9 @@ def write_image_prompt(session: ChatSession, turn: Turn, ids, images, options: G
     room = eng.max_context - len(items(cont, images))
     if room >= 2:
         # special tokens are suppressed: the model cannot end its turn before it closed the prompt
-        run = LLMRun(session, cont, images, options, min(MAX_IMAGE_PROMPT_TOKENS, room), lstrip=False,
-                      anchor=turn.token_ids + opener,
-                      stop_texts=(IMAGE_PROMPT_CLOSE,), extra=dict(suppress_tokens=specials))
+        run = eng.start_run(session, cont, images, options, min(MAX_IMAGE_PROMPT_TOKENS, room), lstrip=False,
+                            anchor=turn.token_ids + opener,
+                            stop_texts=(IMAGE_PROMPT_CLOSE,), extra=dict(suppress_tokens=specials))
         started = False
         try:
             for delta in run:
@@ -110,11 +113,17 @@ def draw(session: ChatSession, turn: Turn, prompt: str, options: GenOptions) -> 
 
     def work():
         try:
+            drawn = prompt
+            fit = getattr(gen, "fit_prompt", None)  # the CLIP tokens SDXL reads (loads the pipeline if needed)
+            if fit is not None:
+                fitted = fit(prompt, progress=report)
+                drawn = fitted.text
+                events.put(("prompt", fitted, ""))
             kw = dict(steps=options.steps, guidance=options.guidance, seed=options.image_seed,
                       width=options.width, height=options.height)
             if options.negative_prompt is not None:
                 kw["negative_prompt"] = options.negative_prompt
-            events.put(("image", gen.generate(prompt, progress=report, **kw), ""))
+            events.put(("image", gen.generate(drawn, progress=report, **kw), ""))
         except BaseException as e:  # noqa: BLE001 - reported below
             events.put(("error", e, ""))
 
@@ -123,6 +132,9 @@ def draw(session: ChatSession, turn: Turn, prompt: str, options: GenOptions) -> 
     try:
         while True:
             kind, value, msg = events.get()
+            if kind == "prompt":
+                yield from _fitted(turn, value)
+                continue
             if kind != "progress":
                 break
             yield Event("progress", msg or "Generating the image…", float(value))
@@ -132,7 +144,7 @@ def draw(session: ChatSession, turn: Turn, prompt: str, options: GenOptions) -> 
     worker.join()
     if kind == "image":
         turn.generated_image = value
-        yield Event("image", prompt, value)
+        yield Event("image", turn.image_prompt, value)
     elif session._cancel.is_set():
         turn.cancelled = True
         turn.notes.append(Note("stopped", "Image generation stopped; the text answer is kept."))
@@ -142,3 +154,12 @@ def draw(session: ChatSession, turn: Turn, prompt: str, options: GenOptions) -> 
         turn.notes.append(Note("imagegen", f"Image generation failed: {why} The text answer is kept."))
         yield Event("notice", turn.notes[-1])
 
+
+def _fitted(turn: Turn, fitted) -> Iterator[Event]:
+    """The prompt as SDXL reads it becomes the turn's image prompt; say so when it had to be shortened."""
+    turn.image_prompt = fitted.text
+    if fitted.cut:
+        turn.notes.append(Note("image_prompt", f"The image prompt was shortened to {fitted.tokens} CLIP tokens "
+                                               f"(Stable Diffusion XL reads at most {fitted.limit}); the image "
+                                               f"shows: {fitted.text}"))
+        yield Event("notice", turn.notes[-1])

@@ -397,7 +397,7 @@ class ChatSession:
                 turn.notes.append(n)
                 yield Event("notice", n)
 
-            run = LLMRun(self, ids, images, options, max_new, stop_texts=self.engine.stop_texts)
+            run = self.engine.start_run(self, ids, images, options, max_new, stop_texts=self.engine.stop_texts)
             try:
                 for delta in run:
                     yield Event("delta", delta)

@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..constants import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from ..constants import GEN_TAG, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from ..inputs.ocr import OCR_LABEL, OCR_SUFFIX, ImageText, ocr_token_lines
 
 # ----------------------------------------------------------------------------------------------------
 # templates
@@ -77,10 +78,25 @@ class Piece:
 
 @dataclass
 class Turn:
-    """One exchange. The `n_images` images brought in this turn go before the user text."""
+    """One exchange. The `n_images` images brought in this turn go before the user text.
+
+    The user message is written as the official CLI writes it:
+        "<image>\n" x n_images + user + OCR text (when `ocr`) + " <GEN>" (when `generate_image`)
+    OCR text (official CLI: `inp + '\nReference OCR Token: ' + ', '.join(texts) + '\n'`, appended to every
+    user turn): the texts of every image of the prompt up to and including this turn, one
+    "Reference OCR Token: " line per image that has text; when the prompt holds two or more images each
+    line starts with the image's number, as its slot does ("Image 2: ..."); see
+    `inputs.ocr.format_ocr_tokens`. Recognised text is untrusted: it is tokenised as ordinary text.
+
+    image_texts: per image of this turn, in order, its recognised line texts (missing entries or None:
+        no text). Only used by turns with `ocr` (this one or a later one).
+    """
     user: str
     n_images: int = 0
     assistant: str | None = None
+    image_texts: tuple = ()
+    ocr: bool = False
+    generate_image: bool = False
 
 
 @dataclass
@@ -93,9 +109,18 @@ class Prompt:
         return sum(p.kind == "image" for p in self.pieces)
 
 
-def _user_message(turn: Turn) -> list[Piece]:
+def _user_message(turn: Turn, image_texts: list[tuple[str, ...]], numbered: bool) -> list[Piece]:
     pieces = [Piece(IMAGE_TOKEN, "image"), Piece("\n", "template")] * turn.n_images
-    return pieces + [Piece(turn.user, "user")]
+    pieces.append(Piece(turn.user, "user"))
+    if turn.ocr:
+        lines = ocr_token_lines([ImageText(k + 1, t) for k, t in enumerate(image_texts)], numbered)
+        if lines:
+            pieces.append(Piece("\n", "template"))
+            for label, text in lines:
+                pieces += [Piece(OCR_LABEL + label, "template"), Piece(text, "user"), Piece(OCR_SUFFIX, "template")]
+    if turn.generate_image:
+        pieces.append(Piece(GEN_TAG, "template"))
+    return pieces
 
 
 def build_prompt(template: Template | str, turns: list[Turn]) -> Prompt:
@@ -107,13 +132,21 @@ def build_prompt(template: Template | str, turns: list[Turn]) -> Prompt:
     if not turns:
         raise ValueError("build_prompt needs at least one Turn")
     messages: list[tuple[str, list[Piece] | None]] = []
+    numbered = sum(max(t.n_images, 0) for t in turns) >= 2  # as the "Image k:" slots below
+    image_texts: list[tuple[str, ...]] = []  # OCR texts of the images so far, in prompt order
     for i, turn in enumerate(turns):
         if turn.n_images < 0:
             raise ValueError(f"turn {i}: n_images must be >= 0, got {turn.n_images}")
         if turn.assistant is None and i != len(turns) - 1:
             raise ValueError(f"turn {i}: only the last turn may leave the assistant answer empty (None)")
+        texts = list(turn.image_texts or ())
+        if len(texts) > turn.n_images or any(isinstance(t, str) for t in texts):
+            raise ValueError(f"turn {i}: image_texts must hold one list of texts per image of the turn "
+                             f"({turn.n_images}), got {turn.image_texts!r}")
+        image_texts += [tuple(t or ()) for t in texts] + [()] * (turn.n_images - len(texts))
         # the official code tests messages for truthiness: an empty message is written like an open one
-        user = _user_message(turn) if (turn.n_images or turn.user) else None
+        body = _user_message(turn, image_texts, numbered)
+        user = body if any(p.text for p in body) else None
         messages.append((tpl.roles[0], user))
         messages.append((tpl.roles[1], [Piece(turn.assistant, "user")] if turn.assistant else None))
 

@@ -13,13 +13,19 @@ from typing import Any
 import torch
 
 MAX_USER_CHARS = 16_000       # longer messages are cut (with a notice) before anything else
+# Sampling divides the (float32) logits by the temperature: below about 1e-37 that overflows to inf and the
+# probabilities become NaN. Far above that, 1e-4 already makes sampling greedy in effect (a logit lead of
+# 0.01 is a factor e**100), so every temperature below it is greedy decoding, with a wide margin.
+MIN_TEMPERATURE = 1e-4
+MAX_IMAGE_SIDE = 4096         # generated images: wider or taller requests are clamped (SDXL's native is 1024)
 
 
 class Note(str):
     """A note about a turn: its text (it *is* the string) and a `kind` saying what it is about.
 
     Kinds: "image" (an input image: EXIF applied, frame used, ...), "message" (the user's text was cut),
-    "context" (old turns left out), "stopped", "expired", "imagegen" (image generation), "image_prompt".
+    "context" (old turns left out), "stopped", "expired", "imagegen" (image generation), "image_prompt",
+    "ocr" (text read in the images for the message: lines found and seconds taken, or why not).
     Notes of kinds in `ABOUT_MESSAGE` describe the user's message and stay true when the answer is redone.
     """
     kind: str
@@ -52,27 +58,54 @@ class GenOptions:
     width: int | None = None
     height: int | None = None
     negative_prompt: str | None = None
+    # OCR assist (official demo's "Use OCR"): read the text in the images (once per image per session) and
+    # append it to the user's message as "Reference OCR Token: ..."; needs the `ocr` extra (inputs/ocr.py)
+    ocr: bool = False
 
     def checked(self) -> "GenOptions":
-        """A copy with every value in its valid range (sliders and API callers send anything)."""
+        """A copy with every value in its valid range (sliders and API callers send anything).
+
+        Every value is accepted and made one that works; nothing is refused:
+        - numbers are clamped to their range (temperature 0..10, top_p 1e-3..1, max_new_tokens 1..2**20,
+          steps 1..500, guidance 0..50, width/height 8..MAX_IMAGE_SIDE px); +-inf go to the nearest end,
+          NaN and values that are not numbers give the default (greedy for the temperature);
+        - a temperature below MIN_TEMPERATURE (including denormals such as 1e-45 or 5e-324) means greedy
+          decoding (0.0): sampling at such a temperature divides the logits by it, which overflows
+          float32 to inf (and 5e-324 is 0 in float32: a division by zero), so the probabilities become
+          NaN; greedy is what sampling tends to as the temperature goes to 0;
+        - seeds are integers taken modulo 2**64 (what torch's generators accept); non-numbers give None;
+        - `ocr` is a bool: the strings "1", "true", "yes", "on" (any case) are True, other strings False.
+        """
         def num(x, lo, hi, default, cast=float):
             try:
                 x = float(x)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 return default
-            return cast(min(max(x, lo), hi)) if math.isfinite(x) else default
+            return default if math.isnan(x) else cast(min(max(x, lo), hi))
 
-        def opt_int(x):
+        def opt_int(x, lo=None, hi=None, modulo=None):
             try:
-                return None if x is None else int(x)
+                x = None if x is None else int(x)
             except (TypeError, ValueError, OverflowError):
                 return None
+            if x is None:
+                return None
+            if modulo is not None:
+                x %= modulo
+            if lo is not None:
+                x = min(max(x, lo), hi)
+            return x
 
+        temperature = num(self.temperature, 0.0, 10.0, 0.0)
+        if temperature < MIN_TEMPERATURE:
+            temperature = 0.0
         return dataclasses.replace(
-            self, temperature=num(self.temperature, 0.0, 10.0, 0.0), top_p=num(self.top_p, 1e-3, 1.0, 1.0),
-            max_new_tokens=num(self.max_new_tokens, 1, 1 << 20, 512, int), seed=opt_int(self.seed),
+            self, temperature=temperature, top_p=num(self.top_p, 1e-3, 1.0, 1.0),
+            max_new_tokens=num(self.max_new_tokens, 1, 1 << 20, 512, int), seed=opt_int(self.seed, modulo=1 << 64),
             steps=num(self.steps, 1, 500, 30, int), guidance=num(self.guidance, 0.0, 50.0, 5.0),
-            image_seed=opt_int(self.image_seed), width=opt_int(self.width), height=opt_int(self.height))
+            image_seed=opt_int(self.image_seed, modulo=1 << 64),
+            width=opt_int(self.width, 8, MAX_IMAGE_SIDE), height=opt_int(self.height, 8, MAX_IMAGE_SIDE),
+            ocr=self.ocr.strip().lower() in ("1", "true", "yes", "on") if isinstance(self.ocr, str) else bool(self.ocr))
 
 
 @dataclass(eq=False)  # identity, not field, equality: entries hold tensors
@@ -83,6 +116,9 @@ class ImageEntry:
     attn: torch.Tensor         # (V, N, P*P) mining weights, float32 on CPU
     gain: torch.Tensor         # (V, N) mining gain per LR token, float32 on CPU
     notes: list[Note] = field(default_factory=list)
+    # inputs.ocr.OcrResult once the image's text was read (GenOptions.ocr), shared by every entry of the same
+    # picture in the session: lines (text, confidence, box as 4 (x, y) points in pixels of `image`), seconds
+    ocr: Any = None
 
 
 @dataclass(eq=False)  # identity equality: two turns with the same text are still two turns
@@ -99,6 +135,7 @@ class Turn:
     notes: list[Note] = field(default_factory=list)
     prompt_ids: list[int] = field(default_factory=list)  # the prompt's ids, image slots as IMAGE_TOKEN_INDEX
     cached_tokens: int = 0            # prompt positions served from the KV cache (not prefilled again)
+    ocr: bool = False                 # the message carries the images' text ("Reference OCR Token", GenOptions.ocr)
 
 
 @dataclass

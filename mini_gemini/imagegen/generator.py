@@ -14,6 +14,7 @@ a message that says what to do.
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import threading
@@ -26,6 +27,7 @@ from ..constants import IMAGE_PROMPT_CLOSE, IMAGE_PROMPT_OPEN
 from ..errors import ImageGenError
 
 DEFAULT_SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+log = logging.getLogger(__name__)
 
 # Things we do not want in the picture; SDXL steers away from them (classifier-free guidance). Kept short
 # enough to fit CLIP's 77-token window, so that no part of it is cut off.
@@ -153,6 +155,8 @@ class ImageGenerator:
         self.last_seed: int | None = None
         self.last_prompt: str | None = None  # the text the last generate() drew (see fit_prompt)
         self._pipe = None
+        self.failure: ImageGenError | None = None  # why the last load failed; kept until its cause changes
+        self._failed_state = None
         # Re-entrant, so that generate() can load while holding it; one diffusion at a time per pipeline.
         self._lock = threading.RLock()
 
@@ -168,9 +172,17 @@ class ImageGenerator:
         with self._lock:
             if self._pipe is not None:
                 return self
+            state = self._source_state()
+            if self.failure is not None and state == self._failed_state:
+                raise self.failure  # nothing changed since it failed: no second trip to the hub
             report = progress or (lambda fraction, message: None)
             report(0.0, f"Loading Stable Diffusion XL from {self.model}")
-            pipe = self._from_pretrained()
+            try:
+                pipe = self._from_pretrained()
+            except ImageGenError as e:
+                self.failure, self._failed_state = e, state
+                raise
+            self.failure = None
             report(0.8, f"Moving Stable Diffusion XL to {self.device}")
             try:
                 self._place(pipe)
@@ -184,6 +196,28 @@ class ImageGenerator:
             self._pipe = pipe
             report(1.0, "Stable Diffusion XL is ready")
             return self
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why image generation cannot work now (the last load failure, while its cause stands), or None."""
+        with self._lock:
+            if self.failure is not None and self._source_state() == self._failed_state:
+                return str(self.failure)
+            return None
+
+    def _source_state(self) -> tuple:
+        """A cheap local fingerprint of what loading depends on: the folder (local source) or whether the
+        pipeline's index is in the Hugging Face cache and whether the hub may be reached (hub id)."""
+        import os
+        if _is_local(self.model):
+            index = Path(self.model).expanduser() / "model_index.json"
+            return ("local", index.is_file() and index.stat().st_mtime)
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            cached = isinstance(try_to_load_from_cache(self.model, "model_index.json"), str)
+        except Exception:  # noqa: BLE001 - an odd id: treat as not cached
+            cached = False
+        return ("hub", cached, os.environ.get("HF_HUB_OFFLINE", ""))
 
     def _from_pretrained(self):
         try:
@@ -227,8 +261,9 @@ class ImageGenerator:
             return ImageGenError(f"There is no model {self.model!r} on the Hugging Face hub. Check the name, or "
                                  f"pass a local folder with --sdxl DIR; the default is {DEFAULT_SDXL}. ({cause})")
         if isinstance(e, OSError) or _find_cause(e, ("LocalEntryNotFoundError", "OfflineModeIsEnabled")):
-            return ImageGenError(f"Stable Diffusion XL {self.model!r} is not in the local Hugging Face cache and "
-                                 f"could not be downloaded. {_download_hint(self.model)} ({cause})")
+            log.info("loading %s failed: %s", self.model, cause)  # the library's own words go to the log
+            return ImageGenError(f"Stable Diffusion XL ({self.model}) is not downloaded and cannot be fetched "
+                                 f"from here. {_download_hint(self.model)}")
         return ImageGenError(f"Could not load Stable Diffusion XL from {self.model!r}: {cause}. Pass a hub id such as "
                              f"{DEFAULT_SDXL} or a local diffusers folder with --sdxl DIR.")
 

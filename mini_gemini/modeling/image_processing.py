@@ -1,6 +1,8 @@
 """Image -> the two tensors MGM reads. One path for the CLI, the app, the API and training.
 
 `pad`: pad to a square with the processor's mean colour, resize to the HR side with CLIP's processor,
+(bicubic PIL; the pad + resize runs as `padded_square_resize`: the same bytes without building the
+padded canvas, so memory follows the HR side and not the upload - see mini_gemini/inputs/padding.py),
 then derive the LR views from that HR tensor by bilinear interpolation (so both see the same pixels).
 HD (image_grid = 2): the LR image is 2 x 2 crops of 336 plus a global 336 downscale, global first.
 """
@@ -8,24 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from ..inputs.padding import expand_to_square, padded_square_resize  # noqa: F401 - re-exported
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def expand_to_square(img: Image.Image, fill) -> Image.Image:
-    """Centre the image on a square canvas (the official `pad` geometry: offset = (long - short) // 2)."""
-    w, h = img.size
-    if w == h:
-        return img
-    side = max(w, h)
-    canvas = Image.new(img.mode, (side, side), fill)
-    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
-    return canvas
 
 
 @dataclass
@@ -55,8 +49,30 @@ class ImageProcessor:
     def pad(self, img: Image.Image) -> Image.Image:
         return expand_to_square(img.convert("RGB"), self.fill)
 
+    def hr_image(self, img: Image.Image) -> Image.Image:
+        """The padded square resized to hr x hr: == CLIP's bicubic resize of self.pad(img), bit for bit
+        (the tall-panorama exception is documented in inputs/padding.py), in memory bounded by hr."""
+        return padded_square_resize(img, self.hr_size, self.fill)
+
+    def normalize(self, hr_img: Image.Image) -> torch.Tensor:
+        """What CLIP's processor does to an hr x hr RGB image (its resize and centre crop are then the
+        identity): transformers' numpy rescale (uint8 -> float64 x rescale_factor -> float32) and
+        normalize ((x - mean) / std in float32). Every pixel value maps through the same float ops, so a
+        256-entry table per channel gives the same floats without the float64 copies of the HR image."""
+        clip = self.clip
+        x = (np.arange(256, dtype=np.float64) * clip.rescale_factor).astype(np.float32)
+        mean = np.asarray(clip.image_mean, dtype=np.float32)[:, None]
+        std = np.asarray(clip.image_std, dtype=np.float32)[:, None]
+        table = (x[None, :] - mean) / std  # (3, 256) float32
+        pixels = np.asarray(hr_img if hr_img.mode == "RGB" else hr_img.convert("RGB"))
+        out = torch.empty((3,) + pixels.shape[:2], dtype=torch.float32)
+        for r in range(0, pixels.shape[0], 128):  # in row bands: no full-size index or float temporaries
+            for c in range(3):
+                out[c, r:r + 128] = torch.from_numpy(np.take(table[c], pixels[r:r + 128, :, c]))
+        return out
+
     def __call__(self, img: Image.Image) -> Views:
-        hr = self.clip(self.pad(img), return_tensors="pt")["pixel_values"][0]
+        hr = self.normalize(self.hr_image(img))
         g, s = self.grid, self.lr_size
         lr = F.interpolate(hr[None], size=(s * g, s * g), mode="bilinear", align_corners=False)
         if g == 1:

@@ -255,3 +255,13 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+_TASK_WORDS = ("digit", "number", "square", "colour", "color")
+
+
+def is_task_question(text: str) -> bool:
+    """Whether a question belongs to this task (digits and coloured squares), as the demo model was trained
+    on; anything else (e.g. "What is in this picture?") gets an answer that means nothing."""
+    words = (text or "").lower()
+    return any(w in words for w in _TASK_WORDS)

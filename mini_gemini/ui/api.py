@@ -4,6 +4,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ..chat import clean_text
+from .markup import split_image_prompt
 from .mining_panel import heatmap_gallery
 from .server import session_of
 from .turns import _options, run_turn
@@ -22,7 +23,7 @@ def api_chat(message: str, images: list | None, generate_image: bool, temperatur
     live = None
     for live in run_turn(session, ex, message or "", files, bool(generate_image), _options(temperature or 0.0)):
         if live.error is None:
-            yield live.text, None, []
+            yield api_reply(live.text, []), None, []
     if live.error:
         raise gr.Error(live.error)
     answer = live.turn.assistant if live.turn is not None else live.text
@@ -32,4 +33,6 @@ def api_chat(message: str, images: list | None, generate_image: bool, temperatur
 def api_reply(answer: str, notices: list) -> str:
     """The answer, then what the user should know about the turn (message cut, image not drawn, ...): API
     clients have no other place to see it. Each note is its own paragraph starting with "Note: "."""
-    return "\n\n".join(([answer] if answer else []) + [f"Note: {n}" for n in notices])
+    text, prompt = split_image_prompt(answer)
+    return "\n\n".join(([text] if text else []) + ([f"Image prompt: {prompt}"] if prompt else []) +
+                       [f"Note: {n}" for n in notices])

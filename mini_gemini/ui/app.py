@@ -1,15 +1,17 @@
 """Mini-Gemini web demo: chat about images, see what patch info mining looked at, get images drawn.
 
     python app.py [--model M] [--sdxl S|none] [--device D] [--dtype T] [--load-in-4bit | --load-in-8bit]
-                  [--port P] [--share]
+                  [--port P] [--share] [--mcp]
 
 Every option also comes from the environment (MGM_MODEL, MGM_SDXL, MGM_DEVICE, MGM_DTYPE, MGM_TEMPLATE,
-MGM_LOAD_IN_4BIT, MGM_LOAD_IN_8BIT, MGM_MAX_NEW_TOKENS, MGM_SHARE, and Gradio's GRADIO_SERVER_NAME /
-GRADIO_SERVER_PORT). The page is up at once; the model loads in the background with a progress line.
+MGM_LOAD_IN_4BIT, MGM_LOAD_IN_8BIT, MGM_MAX_NEW_TOKENS, MGM_SHARE, MGM_MCP_SERVER, and Gradio's
+GRADIO_SERVER_NAME / GRADIO_SERVER_PORT / GRADIO_MCP_SERVER). The page is up at once; the model loads in
+the background with a progress line.
 If the requested model cannot be had, the app runs on the bundled demo model and says why in a banner.
 
 The app talks to the model only through `mini_gemini.engine`; every browser tab and every API client
-gets its own conversation (keyed by Gradio's session hash). API: the named endpoint `/chat`.
+gets its own conversation (keyed by Gradio's session hash). API: the named endpoint `/chat`; with
+`--mcp`, agents get the MCP tool `chat_about_image` (mini_gemini.ui.mcp).
 """
 from __future__ import annotations
 
@@ -26,13 +28,13 @@ from ..chat import Engine
 from ..inputs.images import MAX_FILE_BYTES
 from ..resources import examples_dir
 from ..viz import heatmap as hm
-from . import server
+from . import mcp, server
 from .api import api_chat
 from .markup import code, literal
-from .mining_panel import click_ui, panel_after_turn, panel_ui
+from .mining_panel import MAPS, MINED, click_ui, panel_after_turn, panel_ui
 from .server import Loader, end_session
 from .settings import CMAPS, CSS, RED_SQUARE, parse_args
-from .turns import chat_ui, clear_ui, regenerate_ui, stop_ui, undo_ui
+from .turns import buttons_ui, chat_ui, clear_ui, regenerate_ui, stop_ui, undo_ui
 
 
 def model_info(engine: Engine | None) -> str:
@@ -41,7 +43,9 @@ def model_info(engine: Engine | None) -> str:
     m, c = engine.model, engine.model.config
     layout = hm.Layout.from_config(c)
     hd = f"HD: 2×2 crops of {c.lr_size} px + a global view" if c.image_grid > 1 else f"{c.lr_size} px"
-    sdxl = f"{code(engine.imagegen.model)} (loads on first use)" if engine.imagegen else "off"
+    gen = engine.imagegen
+    sdxl = "off" if gen is None else f"{code(gen.model)} " + (
+        "(ready)" if gen.loaded else "(**unavailable**, see the switch)" if gen.unavailable else "(loads on first use)")
     return (f"**Model** {literal(str(m.name_or_path))} · LLM family **{c.family}** · template "
             f"`{m.processor.template.name}`  \n"
             f"**LR** {hd} → {layout.side}×{layout.side} tokens per view · **HR** {c.image_size_aux} px → "
@@ -64,8 +68,27 @@ def watch_loading(progress=gr.Progress()):
     yield (f"Ready: {literal(str(engine.model.name_or_path))}",
            gr.Markdown(server.LOADER.banner, visible=bool(server.LOADER.banner)), model_info(engine),
            gr.Radio(choices=list(layout.choices()), value=hm.CROPS, visible=layout.global_view),
-           gr.Checkbox(interactive=engine.imagegen is not None,
-                       info=None if engine.imagegen else "off: start the app with --sdxl MODEL to enable it"))
+           image_switch(engine))
+
+
+def image_switch(engine: Engine) -> gr.Checkbox:
+    """The "Generate an image" switch as image generation stands: off and saying why while it cannot work
+    (not configured, or its last load failed and nothing has changed since)."""
+    gen = engine.imagegen
+    if gen is None:
+        return gr.Checkbox(value=False, interactive=False, info="off: start the app with --sdxl MODEL to enable it")
+    why = gen.unavailable
+    if why:
+        return gr.Checkbox(value=False, interactive=False, info=f"unavailable: {why}")
+    return gr.Checkbox(interactive=True, info=None)
+
+
+def imagegen_state_ui():
+    """After a turn: the switch and the model panel follow what image generation can do now."""
+    engine = server.LOADER.engine
+    if engine is None:
+        return gr.skip(), gr.skip()
+    return image_switch(engine), model_info(engine)
 
 
 # ---- the page -------------------------------------------------------------------------------------
@@ -88,10 +111,10 @@ def build_demo() -> gr.Blocks:
                                                show_label=False, elem_id="mgm-input")
                 with gr.Row(equal_height=True):
                     gen_cb = gr.Checkbox(label="Generate an image", value=False, elem_id="mgm-gen", min_width=150)
-                    stop_btn = gr.Button("Stop", size="sm", elem_id="mgm-stop", min_width=70)
-                    regen_btn = gr.Button("Regenerate", size="sm", elem_id="mgm-regen", min_width=70)
-                    undo_btn = gr.Button("Undo", size="sm", elem_id="mgm-undo", min_width=70)
-                    clear_btn = gr.Button("Clear", size="sm", elem_id="mgm-clear", min_width=70)
+                    stop_btn = gr.Button("Stop", size="sm", interactive=False, elem_id="mgm-stop", min_width=70)
+                    regen_btn = gr.Button("Regenerate", size="sm", interactive=False, elem_id="mgm-regen", min_width=70)
+                    undo_btn = gr.Button("Undo", size="sm", interactive=False, elem_id="mgm-undo", min_width=70)
+                    clear_btn = gr.Button("Clear", size="sm", interactive=False, elem_id="mgm-clear", min_width=70)
                 with gr.Accordion("Generation settings", open=False):
                     temperature = gr.Slider(0.0, 1.5, value=0.2, step=0.05, label="Temperature (0 = greedy)",
                                             elem_id="mgm-temp")
@@ -107,18 +130,24 @@ def build_demo() -> gr.Blocks:
                 with gr.Row():
                     image_dd = gr.Dropdown(choices=[], value=None, label="Image", elem_id="mgm-image", scale=1)
                     which = gr.Radio([hm.CROPS], value=hm.CROPS, label="Map of", visible=False, scale=1)
-                    metric = gr.Radio(list(hm.METRICS), value="focus", label="Per-token value", scale=1)
+                    metric = gr.Radio(list(MAPS), value=MINED, label="Left map", scale=1, elem_id="mgm-metric")
                 with gr.Row():
                     cmap = gr.Dropdown(CMAPS, value="inferno", label="Colormap")
                     opacity = gr.Slider(0.0, 1.0, value=0.6, step=0.05, label="Opacity")
                 with gr.Row():
-                    overlay_img = gr.Image(label="Mining attention (click a point)", type="pil", format="png",
-                                           interactive=False, elem_id="mgm-overlay")
-                    gain_img = gr.Image(label="Mining gain", type="pil", format="png", interactive=False,
-                                        elem_id="mgm-gain")
+                    with gr.Column(min_width=220):
+                        gr.Markdown("**What the model mined** (click a point to inspect it)")
+                        overlay_img = gr.Image(show_label=False, type="pil", format="png", interactive=False,
+                                               elem_id="mgm-overlay")
+                    with gr.Column(min_width=220):
+                        gr.Markdown("**How much each token changed** (mining gain)")
+                        gain_img = gr.Image(show_label=False, type="pil", format="png", interactive=False,
+                                            elem_id="mgm-gain")
                 caption = gr.Markdown("Send an image to see where patch info mining looked.", elem_id="mgm-caption")
-                zoom_img = gr.Image(label="Token under the click: photo crop | HR candidate weights", type="pil",
-                                    format="png", interactive=False, elem_id="mgm-zoom", height=300)
+                gr.Markdown("**The clicked token:** its part of the photo | the weights of its high-resolution "
+                            "candidates")
+                zoom_img = gr.Image(show_label=False, type="pil", format="png", interactive=False,
+                                    elem_id="mgm-zoom", height=300)
                 zoom_md = gr.Markdown(elem_id="mgm-zoom-text")
                 with gr.Row():
                     dl_png = gr.DownloadButton("Download PNG", interactive=False, size="sm")
@@ -146,15 +175,24 @@ def build_demo() -> gr.Blocks:
 
         demo.load(watch_loading, None, [status, banner, model_md, which, gen_cb], concurrency_limit=None,
                   show_progress="minimal", **private)
-        sent = textbox.submit(chat_ui, [textbox, gen_cb, *settings], [chatbot, textbox], show_progress="hidden",
-                              **model)
+        history_buttons = [regen_btn, undo_btn, clear_btn]
+        sent = textbox.submit(chat_ui, [textbox, gen_cb, *settings], [chatbot, textbox, stop_btn],
+                              show_progress="hidden", **model)
+        sent.then(buttons_ui, None, history_buttons, **private)
         sent.then(panel_after_turn, panel_in, panel_out, **private)
-        again = regen_btn.click(regenerate_ui, [gen_cb, *settings], [chatbot, textbox], show_progress="hidden", **model)
+        sent.then(imagegen_state_ui, None, [gen_cb, model_md], **private)
+        again = regen_btn.click(regenerate_ui, [gen_cb, *settings], [chatbot, textbox, stop_btn],
+                                show_progress="hidden", **model)
+        again.then(buttons_ui, None, history_buttons, **private)
         again.then(panel_ui, panel_in, panel_out, **private)
+        again.then(imagegen_state_ui, None, [gen_cb, model_md], **private)
         stop_btn.click(stop_ui, None, None, queue=False, **private)
-        undo_btn.click(undo_ui, None, chatbot, **private).then(panel_ui, panel_in, panel_out, **private)
-        clear_btn.click(clear_ui, None, [chatbot, selected], **private).then(panel_ui, panel_in, panel_out,
-                                                                          **private)
+        undone = undo_btn.click(undo_ui, None, chatbot, **private)
+        undone.then(panel_ui, panel_in, panel_out, **private)
+        undone.then(buttons_ui, None, history_buttons, **private)
+        cleared = clear_btn.click(clear_ui, None, [chatbot, selected], **private)
+        cleared.then(panel_ui, panel_in, panel_out, **private)
+        cleared.then(buttons_ui, None, history_buttons, **private)
         for control in (image_dd, which, metric, cmap):
             control.input(panel_ui, panel_in, panel_out, **private)
         opacity.release(panel_ui, panel_in, panel_out, **private)
@@ -164,6 +202,8 @@ def build_demo() -> gr.Blocks:
                       api_description="Chat turn: (message, images, generate_image, temperature) -> "
                                       "(reply, generated image or None, gallery of mining heatmaps). Notes "
                                       "about the turn end the reply, each a paragraph starting 'Note: '.")
+        if server.ARGS.mcp:
+            mcp.add_tool()  # the agents' endpoint, only when it is served
         demo.unload(end_session)
     return demo
 
@@ -177,9 +217,13 @@ def main(argv=None):
     demo = build_demo()
     demo.queue(default_concurrency_limit=8, max_size=64)
     gr.set_static_paths([str(examples_dir())])
-    demo.launch(server_name=server.ARGS.host, server_port=server.ARGS.port, share=server.ARGS.share,
-                max_file_size=MAX_FILE_BYTES, allowed_paths=[str(examples_dir())], css=CSS,
-                footer_links=["api", "gradio"])
+    launch = dict(server_name=server.ARGS.host, server_port=server.ARGS.port, share=server.ARGS.share,
+                  max_file_size=MAX_FILE_BYTES, allowed_paths=[str(examples_dir())], css=CSS,
+                  footer_links=["api", "gradio"])
+    if server.ARGS.mcp:
+        mcp.serve(demo, **launch)
+    else:
+        demo.launch(mcp_server=False, **launch)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,20 @@ def _escape(s: str) -> str:
     return s.replace("&", "&amp;").replace("<", "&lt;").replace("![", "!\\[")
 
 
-_IMAGE_PROMPT = re.compile(r"\s*<h>.*?(?:</h>|\Z)", re.S)
+_TAG = re.compile(r"</?h>")
+
+
+def split_image_prompt(answer: str) -> tuple[str, str | None]:
+    """(the answer without `<h>...</h>`, the image prompt the model wrote or None). An unclosed `<h>` (an
+    answer still streaming, or stopped) counts: its text so far is the prompt. Tags are never shown raw."""
+    answer = answer or ""
+    start, end = answer.find("<h>"), answer.rfind("</h>")
+    if start < 0:
+        return _TAG.sub("", answer).strip(), None
+    inside = answer[start:end] if end > start else answer[start:]  # from the first <h> to the last </h>
+    after = answer[end + len("</h>"):] if end > start else ""
+    prompt = " ".join(_TAG.sub(" ", inside).split())
+    return _TAG.sub("", answer[:start] + after).strip(), prompt or None
 
 
 def _text(markdown: str) -> dict:
@@ -53,8 +66,10 @@ def _user_message(text: str, files: list, first: int) -> dict:
 def _answer_messages(answer: str, notices: list, prompt: str | None, image_file: str | None,
                      progress=None, error: str | None = None) -> list[dict]:
     msgs = []
-    shown = _IMAGE_PROMPT.sub("", answer or "").strip() if (prompt or image_file or progress) else (answer or "")
+    shown, wrote = split_image_prompt(answer)
     parts = [literal(shown)] if shown.strip() else []
+    if wrote and not (image_file or progress):  # a prompt with no picture (yet): shown as what it is
+        parts.append(f"*Image prompt:* {literal(wrote)}")
     parts += [f"> *Note:* {literal(n)}" for n in notices]
     if error:
         parts.append(f"**Error:** {literal(error)}")

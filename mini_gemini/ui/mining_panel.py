@@ -7,6 +7,8 @@ import gradio as gr
 import numpy as np
 
 from ..viz import heatmap as hm
+from ..viz.hr_map import mined_pixels
+from ..viz.legend import with_colorbar
 from . import server
 from .server import session_of
 
@@ -19,34 +21,59 @@ def _which(layout: hm.Layout, which) -> str:
     return which if which in layout.choices() else hm.CROPS
 
 
+MINED = "mined HR pixels"
+MAPS = (MINED, *hm.METRICS)  # the left map: mined pixels (default), or one value per LR token
+_LEGEND = {MINED: "mining weight of each HR position (each LR token's weights sum to 1)",
+           "focus": "focus: 0 = weights spread evenly, 1 = all on one HR candidate",
+           "max weight": "largest HR candidate weight of the LR token"}
+GAIN_LEGEND = "mining gain: change of the LR token, |mined - x| / |x|"
+
+
 def _maps(entry, layout: hm.Layout, which: str, metric: str):
-    scores = hm.token_scores(entry.attn.numpy(), metric)
-    return hm.assemble(scores, layout, which), hm.assemble(entry.gain.numpy(), layout, which)
+    """(left map over the padded square, its colour range), and the gain map: float arrays."""
+    if metric == MINED:
+        attn_map = mined_pixels(entry.attn.numpy(), layout, which)
+        scale = (0.0, float(attn_map.max()))
+    else:
+        attn_map = hm.assemble(hm.token_scores(entry.attn.numpy(), metric), layout, which)
+        scale = (float(attn_map.min()), float(attn_map.max()))
+    return attn_map, scale, hm.assemble(entry.gain.numpy(), layout, which)
 
 
 def _panel_images(entry, layout, which, metric, cmap, alpha, mark=None):
-    attn_map, gain_map = _maps(entry, layout, which, metric)
+    """The two overlays at display size, each with its colour bar below (clicks below the photo are
+    ignored); and the maps they show."""
+    attn_map, (lo, hi), gain_map = _maps(entry, layout, which, metric)
     photo = entry.image
     size = hm.display_size(*photo.size)
     box = hm.cell_in_photo(layout, *mark, photo.size, size) if mark else None
-    over = hm.overlay(photo, attn_map, cmap=cmap, alpha=alpha, size=size, mark=box)
-    gain = hm.overlay(photo, gain_map, cmap="magma", alpha=alpha, size=size, mark=box)
+    over = hm.overlay(photo, attn_map, cmap=cmap, alpha=alpha, size=size, mark=box, vmin=lo, vmax=hi)
+    g_lo, g_hi = float(gain_map.min()), float(gain_map.max())
+    gain = hm.overlay(photo, gain_map, cmap="magma", alpha=alpha, size=size, mark=box, vmin=g_lo, vmax=g_hi)
+    over = with_colorbar(over, cmap, lo, hi, _LEGEND[metric])
+    gain = with_colorbar(gain, "magma", g_lo, g_hi, GAIN_LEGEND)
     return over, gain, attn_map, gain_map
 
 
 def _caption(k: int, layout: hm.Layout, which: str, metric: str, attn_map, gain_map) -> str:
-    pp = layout.patch ** 2
-    what = {"focus": f"*focus* = 1 − H(a)/log {pp}, where a are the token's weights over its "
-                     f"{layout.patch}×{layout.patch} = {pp} high-resolution candidates: 0 means it spread its "
-                     "attention evenly (nothing in particular was mined), 1 that it took a single candidate",
-            "max weight": f"the largest of the token's {pp} candidate weights (from 1/{pp} = even spread "
-                          "to 1 = a single candidate)"}[metric]
-    view = {hm.CROPS: "the 2×2 HD crops, each over its quarter" if layout.grid > 1 else "its tokens",
-            hm.GLOBAL: "the global view over the whole image"}[which]
-    return (f"**Image {k}**, {view}: one cell per low-resolution token. Colour = {what}; range "
-            f"{attn_map.min():.3f} … {attn_map.max():.3f}. **Mining gain** (right) = |mined − x| / |x|, how much "
-            f"the token changed by taking in HR detail; range {gain_map.min():.3f} … {gain_map.max():.3f}. "
-            "Click the left picture to inspect one token.")
+    p, pp = layout.patch, layout.patch ** 2
+    view = {hm.CROPS: "the four HD crops, each over its quarter of the picture" if layout.grid > 1 else
+            "the whole picture", hm.GLOBAL: "the global view over the whole picture"}[which]
+    if metric == MINED:
+        what = (f"Bright = the high-resolution details the model took in. Each low-resolution token looks at "
+                f"its own {p}×{p} window of the high-resolution features and weighs those {pp} positions; the "
+                f"map shows every weight at its position ({attn_map.shape[0]}×{attn_map.shape[1]} over "
+                f"{view}). An even spread gives each position {1 / pp:.3f}.")
+    elif metric == "focus":
+        what = (f"One cell per low-resolution token over {view}: bright = the token took its detail from a few "
+                f"of its {pp} high-resolution candidates, dark = it spread its attention evenly. (Focus = "
+                f"1 − H(a)/log {pp} of the token's weights a.)")
+    else:
+        what = (f"One cell per low-resolution token over {view}: its largest candidate weight, from "
+                f"1/{pp} (even spread) to 1 (a single candidate).")
+    return (f"**Image {k}.** {what} Range {attn_map.min():.3f} … {attn_map.max():.3f}. **Right:** how much each "
+            f"token changed by taking in that detail (mining gain |mined − x| / |x|), range "
+            f"{gain_map.min():.3f} … {gain_map.max():.3f}. Click the left picture to inspect one token.")
 
 
 def _image_choices(session) -> list[str]:
@@ -85,7 +112,8 @@ def panel_ui(label, which, metric, cmap, alpha, selected, request: gr.Request, n
         return tuple(gr.skip() for _ in range(9))
     for old in ex.downloads:
         old.unlink(missing_ok=True)
-    png = ex.new_file(f"mining-image{k}-{which}", ".png")
+    png = ex.new_file(f"mining-image{k}-" + ({hm.CROPS: "hd-crops", hm.GLOBAL: "global"}[which]
+                                             if layout.grid > 1 else "map"), ".png")
     over.save(png)
     npz = hm.save_npz(ex.new_file("mining-maps", ".npz"), [im.attn.numpy() for im in session.images],
                       [im.gain.numpy() for im in session.images])
@@ -109,8 +137,10 @@ def click_ui(label, which, metric, cmap, alpha, evt: gr.SelectData, request: gr.
     layout = _layout()
     which = _which(layout, which)
     photo = entry.image
-    view, token = hm.click_to_token(evt.index[0], evt.index[1], hm.display_size(*photo.size), photo.size,
-                                    layout, which)
+    display = hm.display_size(*photo.size)
+    if evt.index[1] >= display[1]:  # a click on the colour bar below the photo
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    view, token = hm.click_to_token(evt.index[0], evt.index[1], display, photo.size, layout, which)
     over, _, _, _ = _panel_images(entry, layout, which, metric, cmap, float(alpha), mark=(view, token))
     zoomed, text = _zoom(entry, k, layout, view, token, cmap)
     return over, zoomed, text, ((entry.key, which), view, token)

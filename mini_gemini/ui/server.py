@@ -40,6 +40,7 @@ class Loader:
         self.banner = ""          # markdown: why the model in use is not the one asked for
         self.failure = ""         # nothing at all could be loaded
         self.done = threading.Event()
+        self.demo = False         # the bundled demo model is in use (it knows one task only)
 
     def start(self) -> "Loader":
         threading.Thread(target=self._run, daemon=True, name="load-model").start()
@@ -65,7 +66,9 @@ class Loader:
                                f"{hub_id}` on a machine with internet access fills it).")
             sdxl = None if str(a.sdxl).lower() in ("", "none", "off") else \
                 ImageGenerator(a.sdxl, device=a.device)  # loads on first use
-            self.engine = Engine(model, sdxl)
+            # the LLM server serves the checkpoint asked for, not the fallback model
+            server = getattr(a, "llm_server", None) if model.name_or_path == resolve_model_name(a.model) else None
+            self.engine = Engine(model, sdxl, llm_server=server)
             self._set(f"Ready: {model.name_or_path}", 1.0)
         except Exception as e:  # noqa: BLE001
             self.failure = f"The app could not load any model ({type(e).__name__}: {e})."
@@ -75,6 +78,7 @@ class Loader:
 
     def _load(self, name: str, quant: bool = False):
         a = self.args
+        self.demo = Path(name).resolve() == demo_model_path().resolve()  # the bundled one-task model
         self._set(f"Finding {name} (local folder, Hugging Face cache or download)…", 0.05)
         folder = resolve(name)
         device = a.device or ("cuda" if _cuda() else "cpu")

@@ -37,10 +37,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="quantise the LLM to 8 bits (bitsandbytes, CUDA only)")
     ap.add_argument("--max-new-tokens", type=int, default=int(env("MGM_MAX_NEW_TOKENS", "512")),
                     help="default answer length (the UI has a slider)")
+    ap.add_argument("--llm-server", metavar="URL", default=env("MGM_LLM_SERVER") or None,
+                    help="run the LLM on this vLLM server (see README: Serving the LLM with vLLM), "
+                         "e.g. http://127.0.0.1:8000")
     ap.add_argument("--host", default=env("GRADIO_SERVER_NAME"), help="address to listen on")
     ap.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "0")) or None,
                     help="port to listen on (default 7860, or the next free one)")
     ap.add_argument("--share", action="store_true", default=_env_flag("MGM_SHARE"), help="public gradio.live link")
+    ap.add_argument("--mcp", action="store_true",
+                    default=_env_flag("MGM_MCP_SERVER") or _env_flag("GRADIO_MCP_SERVER"),
+                    help="also serve the chat as an MCP tool for agents at /gradio_api/mcp/ "
+                         "(needs the mcp package; see mini_gemini.ui.mcp)")
     args = ap.parse_args(argv)
     if args.load_in_4bit and args.load_in_8bit:
         ap.error("choose one of --load-in-4bit and --load-in-8bit")

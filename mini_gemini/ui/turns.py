@@ -10,6 +10,7 @@ import gradio as gr
 
 from ..chat import MAX_USER_CHARS, GenOptions, clean_text
 from ..errors import ImageError, SessionBusyError
+from ..training.synthetic import is_task_question
 from . import server
 from .markup import _answer_messages, _user_message, render
 from .server import Extras, Failed, View, session_of
@@ -20,6 +21,9 @@ except ImportError:
     spaces = None
 
 log = logging.getLogger(__name__)
+OUTSIDE_DEMO_TASK = ("This is the small bundled demo model: it only knows questions about the digits and coloured "
+                     "squares of pictures like the examples, so this answer means nothing. To ask about your "
+                     "photos, start the app with a real checkpoint: `python app.py --model YanweiLi/MGM-2B`.")
 
 @dataclass
 class Live:
@@ -128,6 +132,8 @@ def run_turn(session, ex: Extras, text: str, files: list, generate_image: bool, 
                 live.turn = ev.data
                 live.text = ev.data.assistant or live.text
                 live.prompt = ev.data.image_prompt or live.prompt
+                if server.LOADER.demo and not is_task_question(ev.data.user):
+                    live.notices.append(OUTSIDE_DEMO_TASK)
             elif isinstance(ev, _Handoff):  # ZeroGPU: the worker's history replaces ours
                 session.adopt(ev.turns)
                 continue
@@ -160,7 +166,7 @@ def _files(message) -> tuple[str, list]:
 def chat_ui(message, generate_image, temperature, top_p, max_new_tokens, steps, request: gr.Request):
     text, files = _files(message)
     if not clean_text(text).strip() and not files:
-        yield gr.skip(), gr.skip()
+        yield gr.skip(), gr.skip(), gr.skip()
         return
     session, ex = session_of(request)
     yield from _stream(session, ex, lambda: run_turn(session, ex, text, files, generate_image,
@@ -176,7 +182,7 @@ def regenerate_ui(generate_image, temperature, top_p, max_new_tokens, steps, req
         gr.Info("Your last message got an error, so there is no answer to redo: its text is back in the "
                 "input box, to fix and send again.")
         yield render(session, ex), gr.MultimodalTextbox(value=failed.typed or {"text": "", "files": []},
-                                                        interactive=True)
+                                                        interactive=True), gr.skip()
         return
     yield from _stream(session, ex, lambda: run_turn(session, ex, "", [], bool(generate_image),
                                                      _options(temperature, top_p, max_new_tokens, steps),
@@ -184,13 +190,14 @@ def regenerate_ui(generate_image, temperature, top_p, max_new_tokens, steps, req
 
 
 def _stream(session, ex, start):
-    """Chatbot + textbox updates while a turn streams; the textbox is locked until it ends."""
-    locked = gr.MultimodalTextbox(value=None, interactive=False)
+    """Chatbot + textbox + Stop button updates while a turn streams; the textbox is locked (and Stop
+    enabled) until it ends."""
+    locked, stop_on = gr.MultimodalTextbox(value=None, interactive=False), gr.Button(interactive=True)
     before = ex.failed[-1] if ex.failed else None
     turn = start()
     try:
         for live in turn:
-            yield render(session, ex, upto=live.history) + live.messages(), locked
+            yield render(session, ex, upto=live.history) + live.messages(), locked, stop_on
     except Exception as e:  # noqa: BLE001 — the history must stay usable whatever happened
         log.exception("a turn failed")
         ex.fail(Failed(len(session.turns), "", [], f"Something went wrong ({type(e).__name__}: {e})."))
@@ -198,7 +205,15 @@ def _stream(session, ex, start):
         turn.close()  # also when the client went away: the engine then stops generating
     # a message that failed goes back into the input box, so that nothing the user typed is lost
     typed = ex.failed[-1].typed if ex.failed and ex.failed[-1] is not before else None
-    yield render(session, ex), gr.MultimodalTextbox(value=typed, interactive=True)
+    yield render(session, ex), gr.MultimodalTextbox(value=typed, interactive=True), gr.Button(interactive=False)
+
+
+def buttons_ui(request: gr.Request):
+    """Regenerate, Undo and Clear are enabled only when there is something for them to act on."""
+    session, ex = session_of(request)
+    redo = bool(session.turns) and not (ex.failed and ex.failed[-1].position == len(session.turns))
+    anything = bool(session.turns or ex.failed)
+    return gr.Button(interactive=redo), gr.Button(interactive=anything), gr.Button(interactive=anything)
 
 
 def stop_ui(request: gr.Request):

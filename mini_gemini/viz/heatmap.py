@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..inputs.padding import SMALL_CANVAS, rgb_region
+
 CROPS, GLOBAL = "crops", "global"
 METRICS = ("focus", "max weight")
 DEFAULT_FILL = (122, 116, 104)  # the processor's padding colour (CLIP mean x 255)
@@ -193,7 +195,7 @@ def overlay(photo: Image.Image, square_map: np.ndarray, *, cmap: str = "inferno"
     w, h = photo.size
     size = size or display_size(w, h)
     heat = colorize(to_photo(square_map, w, h, size), cmap, vmin, vmax)
-    base = np.asarray(photo.convert("RGB").resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+    base = np.asarray(_display_rgb(photo, size), dtype=np.float32)
     out = Image.fromarray((base * (1 - alpha) + heat.astype(np.float32) * alpha + 0.5).astype(np.uint8))
     if mark is not None:
         draw = ImageDraw.Draw(out)
@@ -204,16 +206,53 @@ def overlay(photo: Image.Image, square_map: np.ndarray, *, cmap: str = "inferno"
     return out
 
 
+def _display_rgb(photo: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """photo.convert("RGB").resize(size, BILINEAR), without a full-size RGB copy of a large photo
+    (identical for RGB photos and small ones; a large non-RGB one is box-shrunk first, in bands)."""
+    if photo.mode == "RGB":
+        return photo.resize(size, Image.Resampling.BILINEAR)
+    w, h = photo.size
+    if w * h <= SMALL_CANVAS:
+        return photo.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+    factor = (max(1, w // (2 * size[0])), max(1, h // (2 * size[1])))
+    return rgb_region(photo, (0, 0, w, h), factor).resize(size, Image.Resampling.BILINEAR)
+
+
 def padded_crop(photo: Image.Image, box: tuple[float, float, float, float], size: int,
                 fill=DEFAULT_FILL) -> Image.Image:
-    """The box (photo pixels, may reach into the padding) cut from the padded photo, resized to size x size."""
+    """The box (photo pixels, may reach into the padding) cut from the padded photo, resized to size x size.
+
+    Small photos: literally (canvas, paste, bicubic resize of the box). Larger ones never build the
+    side x side canvas: only the canvas region that the box's filter taps reach is built (padding and
+    all), box-shrunk by an integer factor first when the box is over 4x the output; the same picture up
+    to resampling rounding, in memory ~ the output size.
+    """
     w, h = photo.size
     left, top, side = pad_box(w, h)
-    canvas = Image.new("RGB", (side, side), tuple(fill))
-    canvas.paste(photo.convert("RGB"), (left, top))
     x0, y0, x1, y1 = box
-    return canvas.resize((size, size), Image.Resampling.BICUBIC,
-                         box=(x0 + left, y0 + top, x1 + left, y1 + top))
+    bx0, by0, bx1, by1 = x0 + left, y0 + top, x1 + left, y1 + top  # canvas coordinates
+    if side * side <= SMALL_CANVAS:
+        canvas = Image.new("RGB", (side, side), tuple(fill))
+        canvas.paste(photo.convert("RGB"), (left, top))
+        return canvas.resize((size, size), Image.Resampling.BICUBIC, box=(bx0, by0, bx1, by1))
+    scale = max(bx1 - bx0, by1 - by0) / size
+    f = max(1, int(scale // 2))
+    reach = 2.0 * max(scale, 1.0) + 2.0
+
+    def span(a, b, origin):  # the region's [start, end) on one axis, its start on the photo's f-lattice
+        start = max(0, origin + f * math.floor((math.floor(a - reach) - origin) / f))
+        return start, min(side, math.ceil(b + reach))
+    rx0, rx1 = span(bx0, bx1, left)
+    ry0, ry1 = span(by0, by1, top)
+    sub = Image.new("RGB", (math.ceil((rx1 - rx0) / f), math.ceil((ry1 - ry0) / f)), tuple(fill))
+    px0, py0, px1, py1 = max(rx0, left), max(ry0, top), min(rx1, left + w), min(ry1, top + h)
+    if px0 < px1 and py0 < py1:
+        part = rgb_region(photo, (px0 - left, py0 - top, px1 - left, py1 - top), f)
+        sub.paste(part, (round((px0 - rx0) / f), round((py0 - ry0) / f)))
+    sw, sh = sub.size
+    fbox = (min(max((bx0 - rx0) / f, 0.0), sw), min(max((by0 - ry0) / f, 0.0), sh),
+            min(max((bx1 - rx0) / f, 0.0), sw), min(max((by1 - ry0) / f, 0.0), sh))
+    return sub.resize((size, size), Image.Resampling.BICUBIC, box=fbox)
 
 
 def _font(size: int):

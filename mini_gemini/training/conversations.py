@@ -1,0 +1,140 @@
+"""Multi-turn, multi-image conversations about the synthetic scenes (mini_gemini.training.synthetic).
+
+Users keep one conversation open: a new picture in a later turn, a question about an earlier one
+("What digit is in the red square of Image 2?"), a long text-only turn before the next picture. Each
+conversation here is a list of `chat.templates.Turn`s plus the images in prompt order, so the prompt is
+exactly what the engine builds at inference (images numbered "Image 1:", "Image 2:", ... once the prompt
+holds two or more; earlier answers in the history).
+
+Which image a question is about:
+- it names it ("... of Image 2?", "In Image 2, ...", "In the second image, ...", "Look at Image 2. ..."),
+- or it does not, and then it is about the newest image of the conversation (the one the turn brings,
+  or the last one brought before a text-only turn).
+A turn that brings two images always names the one it asks about. Text-only turns that ask nothing
+(greetings, long stories) are answered "OK.".
+
+    chat_sample(seed, index) -> {"images", "turns", "asked": [(image number or None, kind)], "scenes"}
+"""
+from __future__ import annotations
+
+import random
+
+from ..chat.templates import Turn
+from .synthetic import SUFFIX, digit_question, other_question, scene
+
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth")
+CHATTER_ANSWER = "OK."
+CHATTER = (
+    "Hello!", "Hi there.", "Thanks, that was helpful.", "Great, thank you!", "Let me show you another picture.",
+    "I have a few more images for you.", "I made these pictures for a small game with my children.",
+    "Each picture has some coloured squares on a plain background, and one square holds a small number.",
+    "We play it every evening after dinner, and the children try to find the number before anyone else.",
+    "Sometimes the number is very small, so we need a magnifying glass to read it.",
+    "My daughter likes the red squares best, my son prefers the blue and the green ones.",
+    "Yesterday it rained all day, so we stayed inside and drew many new pictures.",
+    "Could you help me check our answers? We are not always sure that we read the numbers right.",
+    "The weather is nice today and we might go to the park later.",
+    "I am writing a long message here to see whether you still remember the pictures from before.",
+    "Tell me a story about a cat who lives in a big city and likes to read books at night.",
+    "What is the capital of France?", "How are you today?", "Can you see the pictures I sent?",
+    "This is not about the images at all, just a note before the next question.",
+    "Please keep the earlier images in mind, I will ask about them again.",
+)
+
+
+def _lower_first(q: str) -> str:
+    return q[0].lower() + q[1:]
+
+
+def refer(q: str, k: int, rng: random.Random) -> str:
+    """The question `q` about image number k (1-based), phrased one of several ways."""
+    name = f"Image {k}" if rng.random() < 0.75 or k > len(ORDINALS) else f"the {ORDINALS[k - 1]} image"
+    body, end = q[:-1], q[-1]
+    style = rng.random()
+    if style < 0.45:
+        if " in the image" in body:
+            return body.replace(" in the image", f" in {name}") + end
+        if body.endswith("square") and rng.random() < 0.6:
+            return f"{body} of {name}{end}"
+        return f"{body} in {name}{end}"
+    if style < 0.8:
+        return f"In {name}, {_lower_first(q)}"
+    if style < 0.9:
+        return f"Look at {name}. {q}"
+    return f"About {name}: {_lower_first(q)}" if rng.random() < 0.5 else f"For {name}: {q}"
+
+
+def question(sc, kind: str, rng: random.Random) -> tuple[str, str]:
+    if kind == "digit":
+        q, a = digit_question(sc, rng)
+        return q.replace(SUFFIX, ""), a
+    return other_question(sc, rng)
+
+
+def chatter(rng: random.Random) -> str:
+    return " ".join(rng.sample(CHATTER, rng.randint(1, 3)))
+
+
+def chat_sample(seed: int, index: int, digit_fraction: float = 0.6, max_images: int = 4,
+                scene_fn=None) -> dict:
+    """One conversation (deterministic per seed, index). `scene_fn(rng) -> Scene` draws its pictures
+    (default: the training generator's scene stream `seed`)."""
+    rng = random.Random(f"mgm-chat-{seed}-{index}")
+    if scene_fn is None:
+        scene_fn = lambda r, j: scene(seed, f"chat-{index}-{j}")  # noqa: E731
+    else:
+        fn = scene_fn
+        scene_fn = lambda r, j: fn(r)  # noqa: E731
+    images, scenes, turns, asked = [], [], [], []
+    n_turns = rng.choice((1, 2, 2, 3, 3, 3, 4, 4, 5))
+    for t in range(n_turns):
+        r = rng.random()
+        kind = "digit" if rng.random() < digit_fraction else "other"
+        room = max_images - len(images)
+        if t == 0 and r < 0.15 and n_turns > 1:      # a text-only opening
+            turns.append(Turn(chatter(rng), 0, CHATTER_ANSWER))
+            asked.append((None, "chatter"))
+            continue
+        if images and (room == 0 or r < 0.3):         # a question about an earlier image, no new image
+            if rng.random() < 0.15:
+                turns.append(Turn(chatter(rng), 0, CHATTER_ANSWER))
+                asked.append((None, "chatter"))
+                continue
+            k = rng.randint(1, len(images)) if rng.random() < 0.75 else len(images)
+            q, a = question(scenes[k - 1], kind, rng)
+            q = refer(q, k, rng) if k < len(images) or rng.random() < 0.5 else q
+            turns.append(Turn(q, 0, a))
+            asked.append((k, kind))
+            continue
+        if room == 0:
+            break
+        n_new = 2 if room >= 2 and rng.random() < 0.2 else 1
+        for _ in range(n_new):
+            if images and rng.random() < 0.08:        # the same picture again
+                old = rng.randrange(len(images))
+                images.append(images[old])
+                scenes.append(scenes[old])
+            else:
+                sc = scene_fn(rng, len(scenes))
+                images.append(sc.image)
+                scenes.append(sc)
+        if n_new == 2 or rng.random() < 0.25:
+            k = rng.randint(1, len(images)) if rng.random() < 0.3 else len(images) - rng.randrange(n_new)
+            q, a = question(scenes[k - 1], kind, rng)
+            q = refer(q, k, rng)
+        else:
+            k = len(images)
+            q, a = question(scenes[k - 1], kind, rng)
+        if rng.random() < 0.2:
+            q += SUFFIX
+        turns.append(Turn(q, n_new, a))
+        asked.append((k, kind))
+    if not images:  # only chatter was drawn: end with a picture and a question about it
+        sc = scene_fn(rng, 0)
+        images.append(sc.image)
+        scenes.append(sc)
+        kind = "digit" if rng.random() < digit_fraction else "other"
+        q, a = question(sc, kind, rng)
+        turns.append(Turn(q, 1, a))
+        asked.append((1, kind))
+    return dict(images=images, turns=turns, asked=asked, scenes=scenes)
