@@ -1,6 +1,7 @@
 """Speed and memory, measured side by side in one run and reported as ratios.
 
-    python -m mini_gemini.bench [--json] [--skip-load] [--load-only] [--upload-only] [--workdir DIR]
+    python -m mini_gemini.bench [--json] [--skip-load] [--load-only] [--upload-only] [--serving-only]
+                                [--no-serving] [--workdir DIR]
 
 - load_memory_ratio: peak memory of loading a random checkpoint with MGM-2B's true shapes (bf16)
   ÷ its file size (goal <= 1.2). Measured in a fresh process: peak RSS minus the RSS before loading.
@@ -12,6 +13,12 @@
   held, in a fresh process) of preprocessing + heatmap overlay + zoom for a 16000x1 and a 40000x1000
   image, worst of MGM's 768 px and HD 1536 px HR sides (goal < 100; padding at full resolution cost
   +3.5 GB and ~22 GB). Per image and HR side under upload_peak_detail.
+- serving_*: many users at once through the Engine (bundled tiny Llama demo checkpoint, greedy, 96 new
+  tokens, each user a different short prompt, one thread each): serving_ttft_p50_x{k} / _p95_x{k} = the
+  median / 95th-percentile first-token time of k users sending at once ÷ one user's alone (goal for k=8:
+  p95 <= 3); serving_all_answers_x{k} = time until all k answers are complete ÷ the same k prompts served one
+  after another (goal for k=8: <= 0.6). serving_serial_*: the same for the engine writing one whole answer
+  at a time (Engine(max_active=0), as before the scheduler).
 The speed model is built on the fly, large enough for CPU timings to mean something.
 """
 from __future__ import annotations
@@ -175,9 +182,10 @@ def bench_upload_memory(sizes=UPLOAD_SIZES, models=None) -> dict:
     """Peak extra memory of preprocessing + heatmaps for huge, odd uploads, measured in a fresh process
     (VmHWM reset through /proc/self/clear_refs before each; where that is refused, the figure is an
     upper bound: the process's earlier peak counts too)."""
-    root = Path(__file__).resolve().parents[1]
+    # the child imports this very package: hand it our import path
     out = subprocess.run([sys.executable, "-c", _MEASURE_UPLOAD, json.dumps(sizes), json.dumps(models or UPLOAD_MODELS)],
-                         capture_output=True, text=True, cwd=root, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                         capture_output=True, text=True,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path)))
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
     detail = json.loads(out.stdout.strip().splitlines()[-1])
@@ -284,6 +292,90 @@ def bench_speed(new_tokens: int = 48) -> dict:
             "threads": torch.get_num_threads()}
 
 
+# ---- many users at once ---------------------------------------------------------------------------
+SERVING_PROMPTS = ("What is in the picture?", "Describe a red square.", "Hello there!", "Count to ten, please.",
+                   "What colour is the sky?", "Tell me a story about a cat.", "Is it round?",
+                   "Why is the circle blue?")
+
+
+def serving_figures(engine, prompts=SERVING_PROMPTS, users=(1, 4, 8), new_tokens: int = 96, repeat: int = 3) -> dict:
+    """First-token latency and total time when `k` users send at once, through `engine` (greedy, each user a
+    different prompt, one thread each, fresh conversations), relative to one user alone.
+
+    ttft_p50/p95_x{k}: the median / 95th percentile of the k first-token times (time to the first text
+    delta) over one user's first-token time (median of the prompts sent alone). all_answers_x{k}: the time
+    until all k answers are complete over the time the same k prompts take one after another. Each figure
+    is the median of `repeat` runs (the machine may be shared)."""
+    import numpy as np
+
+    from .chat.engine import GenOptions
+    options = GenOptions(temperature=0.0, max_new_tokens=new_tokens)
+
+    def one(text, t0, out, k):
+        first, n = None, 0
+        for ev in engine.session().chat(text, options=options):
+            if ev.kind == "delta" and first is None:
+                first = time.perf_counter() - t0
+            elif ev.kind == "done":
+                n = len(ev.data.token_ids)
+            elif ev.kind == "error":
+                raise RuntimeError(ev.text)
+        out[k] = (first if first is not None else time.perf_counter() - t0, time.perf_counter() - t0, n)
+
+    def crowd(k):
+        out, start = [None] * k, threading.Barrier(k + 1)
+
+        def work(i):
+            start.wait()
+            one(prompts[i], t0, out, i)
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(k)]
+        for t in threads:
+            t.start()
+        t0 = time.perf_counter()
+        start.wait()
+        for t in threads:
+            t.join()
+        return out, time.perf_counter() - t0
+
+    def alone(i):
+        out = [None]
+        one(prompts[i], time.perf_counter(), out, 0)
+        return out[0]
+
+    crowd(min(2, max(users)))  # warm-up
+    runs: dict = {}
+    for _ in range(repeat):
+        solo = [alone(i) for i in range(max(users))]
+        base = float(np.median([f for f, _, _ in solo]))
+        runs.setdefault("ttft_1_user_s", []).append(base)
+        for k in users:
+            out, total = crowd(k)
+            firsts = [f for f, _, _ in out]
+            runs.setdefault(f"ttft_p50_x{k}", []).append(float(np.percentile(firsts, 50)) / base)
+            runs.setdefault(f"ttft_p95_x{k}", []).append(float(np.percentile(firsts, 95)) / base)
+            runs.setdefault(f"all_answers_x{k}", []).append(total / sum(t for _, t, _ in solo[:k]))
+            runs.setdefault(f"tokens_x{k}", []).append(sum(n for _, _, n in out))
+        runs.setdefault("serial_8_s", []).append(sum(t for _, t, _ in solo[:8]))
+    return {k: round(float(np.median(v)), 3) for k, v in runs.items()}
+
+
+def bench_serving(new_tokens: int = 96, baseline: bool = True) -> dict:
+    """`serving_figures` for the built-in engine (its scheduler: every answer advances one token per round,
+    batched) on the bundled tiny Llama demo checkpoint; with `baseline`, also for the engine serving one
+    whole answer at a time (`max_active=0`, as before the scheduler)."""
+    from .chat.engine import Engine
+    from .modeling.loading import load_pretrained
+    from .resources import demo_model_path
+    torch.manual_seed(0)
+    model = load_pretrained(str(demo_model_path()), device="cpu")
+    results = {f"serving_{k}": v for k, v in serving_figures(Engine(model), new_tokens=new_tokens).items()}
+    if baseline:
+        results.update({f"serving_serial_{k}": v for k, v in
+                        serving_figures(Engine(model, max_active=0), users=(1, 8), new_tokens=new_tokens,
+                                        repeat=1).items()})
+    return results
+
+
 def _interleaved(a, b, repeat: int) -> tuple[float, float]:
     """Best times of `a` and `b`, run alternately so that both see the same machine load."""
     a(), b()  # warm-up
@@ -306,19 +398,28 @@ def main(argv=None):
     ap.add_argument("--skip-load", action="store_true", help="skip the MGM-2B loading-memory measurement")
     ap.add_argument("--load-only", action="store_true")
     ap.add_argument("--upload-only", action="store_true", help="only the huge-upload memory figure")
+    ap.add_argument("--serving-only", action="store_true", help="only the many-users-at-once figures")
+    ap.add_argument("--no-serving", action="store_true", help="skip the many-users-at-once figures")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mgm-bench"))
     args = ap.parse_args(argv)
     results = {}
-    if not args.load_only:
+    if args.serving_only:
+        args.load_only = args.upload_only = False
+        args.skip_load = True
+    only = args.load_only or args.upload_only or args.serving_only
+    if not (args.load_only or args.serving_only):
         results.update(bench_upload_memory())
-    if not (args.load_only or args.upload_only):
+    if not only:
         results.update(bench_speed())
-    if not (args.skip_load or args.upload_only):
+    if not (args.no_serving or args.load_only or args.upload_only):
+        results.update(bench_serving())
+    if not (args.skip_load or args.upload_only or args.serving_only):
         results.update(bench_load_memory(Path(args.workdir)))
     goals = {"load_memory_ratio": "<= 1.2", "decode_ratio": ">= 0.95", "followup_ttft_ratio": "<= 0.25",
-             "mining_overhead": "<= 1.03", "upload_peak_mb": "< 100"}
+             "mining_overhead": "<= 1.03", "upload_peak_mb": "< 100", "serving_ttft_p95_x8": "<= 3",
+             "serving_all_answers_x8": "<= 0.6"}
     for k, v in results.items():
-        print(f"{k:>22}: {v}" + (f"   (goal {goals[k]})" if k in goals else ""))
+        print(f"{k:>28}: {v}" + (f"   (goal {goals[k]})" if k in goals else ""))
     if args.json:
         print(json.dumps(results))
 

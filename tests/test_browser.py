@@ -172,3 +172,69 @@ def test_chat_heatmap_zoom_image_and_markup(browser_page, tiny_checkpoint):
     page.locator(".gallery-item, [data-testid='examples'] button, .example").first.click()
     page.wait_for_function(f"document.querySelector('#mgm-input textarea').value === {json.dumps(QUESTION)}")
     page.wait_for_selector("#mgm-input img")
+
+
+# Records whether raw image-prompt tags ever showed in the chat while it changed.
+WATCH_TAGS = """() => {
+  window.__rawTags = false;
+  const chat = document.querySelector('#mgm-chat');
+  new MutationObserver(() => {
+    if (/<\\/?h>/.test(chat.innerText)) window.__rawTags = true;
+  }).observe(chat, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_errors_keep_the_panel_and_the_input_and_image_prompts_show_as_such(browser_page, tmp_path):
+    page = browser_page
+    page.reload()
+    page.wait_for_selector("#mgm-status :text('Ready')")
+    # an empty chat: nothing to stop, redo or undo
+    for button in ("#mgm-stop", "#mgm-regen", "#mgm-undo", "#mgm-clear"):
+        assert page.locator(button).is_disabled(), button
+    page.click("text=Generation settings")
+    _set_slider(page, "mgm-temp", 0)
+    _set_slider(page, "mgm-steps", 2)
+
+    # two pictures in two turns; the panel follows the newest, then the user picks Image 1
+    second = ROOT / "assets" / "examples" / "squares-2.png"
+    _send(page, QUESTION, [EXAMPLE])
+    _send(page, QUESTION, [second])
+    page.wait_for_function("document.querySelector('#mgm-image input').value === 'Image 2'")
+    assert page.locator("#mgm-regen").is_enabled() and page.locator("#mgm-undo").is_enabled()
+    page.click("#mgm-image input")
+    page.keyboard.press("ControlOrMeta+a")
+    page.keyboard.type("Image 1")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelector('#mgm-image input').value === 'Image 1'")
+    page.wait_for_selector("#mgm-caption :text('Image 1.')")
+
+    # a broken file: an error in the chat, and the panel and the typed text stay as they were
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a picture" * 20)
+    typed = "And what about this one?"
+    _send(page, typed, [broken])
+    page.wait_for_selector("#mgm-chat :text('Error:')")
+    page.wait_for_function(f"document.querySelector('#mgm-input textarea').value === {json.dumps(typed)}")
+    assert page.locator("#mgm-input img").count() == 0  # the broken file is not offered again
+    page.wait_for_timeout(1500)  # the panel's redraw after the turn has run
+    assert page.locator("#mgm-image input").input_value() == "Image 1"
+    assert "Image 1." in page.locator("#mgm-caption").inner_text()
+    page.screenshot(path=str(SHOTS / "06-error-keeps-panel-and-text.png"), full_page=True)
+    # Regenerate after the failed message redoes nothing: the earlier answer stays, the text stays
+    answers = page.locator("#mgm-chat .bot-row").all_inner_texts()
+    page.click("#mgm-regen") if page.locator("#mgm-regen").is_enabled() else None
+    page.wait_for_timeout(1000)
+    assert page.locator("#mgm-chat .bot-row").all_inner_texts() == answers
+    assert page.locator("#mgm-input textarea").input_value() == typed
+
+    # an image prompt is shown as such while streaming and after, never as raw <h> tags
+    page.fill("#mgm-input textarea", "")
+    page.check("#mgm-gen input")
+    page.evaluate(WATCH_TAGS)
+    _send(page, "Draw the squares as a painting.")
+    page.wait_for_selector("#mgm-chat .bot-row img")
+    last = page.locator("#mgm-chat .bot-row").last.inner_text()
+    assert "Image prompt:" in last and "<h>" not in last and "</h>" not in last
+    assert not page.evaluate("window.__rawTags"), "raw <h> tags showed while the answer streamed"
+    page.screenshot(path=str(SHOTS / "07-image-prompt-shown-as-such.png"), full_page=True)
+    page.uncheck("#mgm-gen input")

@@ -1,5 +1,4 @@
 """The bundled demo model reads a tiny digit through the HR branch, via the public inference path."""
-import math
 import os
 import random
 from pathlib import Path

@@ -86,7 +86,7 @@ def test_multi_turn_equals_fresh_prompt_and_reuses_caches(tiny_checkpoint, famil
     counts, handle = prefill_counter(model)
     try:
         s = Engine(model).session("s")
-        history, engine_encodes = [], 0
+        history, engine_encodes, prev_length = [], 0, 0
         plan = [("What is in the first image?", [RED]), ("And what about this second one?", [BLUE]),
                 ("Compare the two images.", []), ("Look at the red one again.", [RED])]
         for k, (text, images) in enumerate(plan):

@@ -44,7 +44,7 @@ class Engine:
 
     def __init__(self, model, image_generator=None, *, max_context: int | None = None,
                  max_sessions: int = 256, kv_sessions: int = 4, images_per_session: int = 16,
-                 llm_server=None):
+                 llm_server=None, max_active: int = 8):
         self.model, self.imagegen = model, image_generator
         llm_ctx = getattr(model.config.llm, "max_position_embeddings", None) or 4096
         self.max_context = min(max_context or llm_ctx, llm_ctx)
@@ -65,7 +65,12 @@ class Engine:
         self._kv_owners: OrderedDict[str, None] = OrderedDict()
         # ids the LRU dropped (bounded): a caller that looks its session up by id is told it expired
         self._expired_ids: OrderedDict[str, None] = OrderedDict()
-        self._compute = threading.Lock()     # one model run (encode / generate) at a time
+        self._compute = threading.Lock()     # one model run (encode / a scheduler round / generate) at a time
+        # built-in engine: at most `max_active` answers are written at once, one token each per scheduler round
+        # (chat/scheduler.py); more wait in a queue. 0: one whole answer at a time, as `generate` writes it.
+        self.max_active = max(0, int(max_active))
+        self._scheduler = None
+        self._encoders = 0                   # image encodings waiting for the model (the scheduler yields to them)
         self._state = threading.Lock()       # sessions and KV bookkeeping; never held while waiting
         self._tok_lock = threading.RLock()   # the tokenizer is not thread safe
         tok = model.processor.tokenizer
@@ -184,11 +189,30 @@ class Engine:
         from .generation import LLMRun
         return LLMRun(session, ids, images, options, max_new, **kw)
 
+    def _scheduler_for(self, run):
+        """The scheduler that serves `run` (created on first use), or None when the run must use `generate`
+        itself: the engine has max_active=0, the LLM instance carries a custom `generate` (a wrapper, a test's
+        fault injection) or the run asks for generate options the scheduler does not implement."""
+        if self.max_active <= 0 or "generate" in vars(self.model.llm) or set(run.extra) - {"suppress_tokens"}:
+            return None
+        with self._state:
+            if self._scheduler is None:
+                from .scheduler import Scheduler
+                self._scheduler = Scheduler(self, self.max_active)
+            return self._scheduler
+
     def encode(self, pil) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One image -> (visual tokens (V*N, D), mining weights (V, N, P*P) and gain (V, N), float32 CPU)."""
+        """One image -> (visual tokens (V*N, D), mining weights (V, N, P*P) and gain (V, N), float32 CPU).
+        Takes the model between two scheduler rounds (answers being written pause for one encoding)."""
         views = self.model.processor.image_processor(pil)
-        with self._compute, torch.no_grad():
-            enc = self.model.encode_images(views.pixel_values[None], views.pixel_values_aux[None])
+        with self._state:
+            self._encoders += 1
+        try:
+            with self._compute, torch.no_grad():
+                enc = self.model.encode_images(views.pixel_values[None], views.pixel_values_aux[None])
+        finally:
+            with self._state:
+                self._encoders -= 1
         return enc.image_features[0], enc.attn[0].float().cpu(), enc.gain[0].float().cpu()
 
     def build_prompt(self, turns: list[PromptTurn]):

@@ -51,7 +51,7 @@ class _TokenStream:
                 if item is None:
                     done = True
                     break
-                ids.extend(item.reshape(-1).tolist())
+                ids.extend(item if isinstance(item, list) else item.reshape(-1).tolist())
             if ids:
                 yield ids
 
@@ -158,8 +158,16 @@ class AnswerText:
 
 
 class LLMRun:
-    """One `llm.generate` in a worker thread. Iterate it for text deltas; then `ids` and `text` hold the
-    answer. `abort()` stops the model and waits for the worker (at most one decoding step)."""
+    """One answer of the built-in engine. Iterate it for text deltas; then `ids` and `text` hold the answer.
+    `abort()` stops the model and waits for it (at most one decoding step).
+
+    It is served by the engine's scheduler (chat/scheduler.py: every active answer advances one token per
+    round, batched with the others). While all places are taken, the iteration first yields one
+    `Event("notice", Note("queue", ...))` saying how many conversations wait ahead; everything else it
+    yields is text. A custom `generate` installed on the LLM instance (a wrapper, a test's fault injection),
+    generate options the scheduler does not know (`extra` beyond suppress_tokens), or `Engine(max_active=0)`
+    run the answer as before instead: one `llm.generate` in a worker thread, under the engine's model lock.
+    """
 
     def __init__(self, session: ChatSession, ids: list[int], images: list[ImageEntry], options: GenOptions,
                  max_new: int, *, stop_texts: tuple[str, ...] = (), extra: dict | None = None,
@@ -178,6 +186,9 @@ class LLMRun:
         self._stream = _TokenStream()
         self._thread = threading.Thread(target=self._work, daemon=True, name=f"mgm-generate-{session.id[:8]}")
         self._finished = False
+        self._scheduled = False         # served by the engine's scheduler (else: generate in _thread)
+        self._done = threading.Event()  # set by the scheduler when the request ended
+        self.waiting_ahead = 0          # conversations that were queued ahead of this one when it came
 
     # worker thread
     def _work(self):
@@ -230,7 +241,17 @@ class LLMRun:
 
     # consumer side
     def __iter__(self) -> Iterator[str]:
-        self._thread.start()
+        scheduler = self.engine._scheduler_for(self)
+        if scheduler is None:
+            self._thread.start()
+        else:
+            self._scheduled = True
+            self.waiting_ahead = ahead = scheduler.submit(self)
+            if ahead:
+                from .types import Event, Note
+                yield Event("notice", Note("queue", f"Waiting: {ahead} conversation{'s' if ahead != 1 else ''} "
+                                                    f"ahead (the server writes {scheduler.max_active} answers "
+                                                    "at a time)."))
         answer = self.answer
         for chunk in self._stream.chunks():
             delta = answer.feed(chunk)
@@ -244,7 +265,10 @@ class LLMRun:
     def _finish(self):
         if self._finished:
             return
-        self._thread.join()
+        if self._scheduled:
+            self._done.wait()
+        else:
+            self._thread.join()
         self._finished = True
         if self._error is not None:
             raise self._error
@@ -253,7 +277,7 @@ class LLMRun:
     def abort(self):
         """Stop the model (the consumer left or failed) and settle `ids` / `text` from what was made."""
         self.halt.set()
-        if self._thread.is_alive() or self._thread.ident is not None:
+        if self._scheduled or self._thread.is_alive() or self._thread.ident is not None:
             try:
                 self._finish()
             except Exception:  # noqa: BLE001 - the run is being abandoned anyway

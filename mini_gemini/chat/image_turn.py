@@ -57,6 +57,9 @@ def write_image_prompt(session: ChatSession, turn: Turn, ids, images, options: G
         started = False
         try:
             for delta in run:
+                if isinstance(delta, Event):  # a notice (e.g. the place in the queue), not text
+                    yield delta
+                    continue
                 if not started:
                     started = True
                     yield Event("delta", lead)

@@ -30,9 +30,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import queue
 import threading
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -60,6 +62,7 @@ class LLMServer:
         if url.endswith("/v1"):
             url = url[:-3]
         self.url, self._model, self.max_model_len = url, model, None
+        api_key = api_key or os.environ.get("MGM_LLM_SERVER_API_KEY") or None  # `vllm serve --api-key`
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(base_url=url, headers=headers, trust_env=False,
                                    timeout=httpx.Timeout(timeout, connect=10.0),
@@ -160,6 +163,8 @@ class RemoteRun:
                 embeds = self.engine.model.embed(self.prompt_ids, [im.tokens for im in self.images])
             body = self.request(embeds)
             del embeds
+            if self.server.max_model_len:  # known now if the server was down when the engine was made
+                self.engine.max_context = min(self.engine.max_context, int(self.server.max_model_len))
             threading.Thread(target=self._watch, daemon=True, name="mgm-remote-watch").start()
             self._stream(body)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer

@@ -399,8 +399,8 @@ class ChatSession:
 
             run = self.engine.start_run(self, ids, images, options, max_new, stop_texts=self.engine.stop_texts)
             try:
-                for delta in run:
-                    yield Event("delta", delta)
+                for delta in run:  # text, or a notice (e.g. the place in the queue)
+                    yield delta if isinstance(delta, Event) else Event("delta", delta)
             except GeneratorExit:  # the consumer went away (client disconnected): stop the model
                 run.abort()
                 self._settle(turn, run, stopped=True)

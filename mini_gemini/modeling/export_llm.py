@@ -63,6 +63,9 @@ def llm_config(raw: dict) -> dict:
         out["dtype"] = out["torch_dtype"] = str(dtype).replace("torch.", "")
     out.pop("transformers_version", None)
     out.update(architectures=[LLM_ARCH[family]], model_type=config_cls.model_type)
+    if family == "gemma" and out.get("hidden_act"):
+        # what transformers runs (it reads the released "gelu" as the tanh approximation); vLLM reads this field
+        out["hidden_activation"] = out["hidden_act"]
     return out
 
 

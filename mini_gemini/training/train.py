@@ -23,6 +23,10 @@ A tiny model trained from scratch cannot see anything with random frozen encoder
     accelerate launch -m mini_gemini.train --init YanweiLi/MGM-2B --data data.json --image-folder imgs/ \\
         --stage 2 --lr 2e-5 --batch-size 4 --grad-accum 8 --mixed-precision bf16 --out runs/mgm-2b-ft
 
+The package: models.py (demo architecture, loading, stages), data.py (examples, datasets, collator),
+conversations.py (multi-turn multi-image synthetic chats), towers.py (stage 0 helpers), evaluate.py
+(accuracy through the Engine), synthetic.py (the scenes); this file: the loss, the loop, the CLI.
+
 Loss is on the assistant's answer tokens only (labels -100 elsewhere). Prompts go through
 templates.build_prompt / tokenize and images through the model's processor, mining and model.embed,
 exactly as at inference. `--save-every N` writes checkpoint-N/ (save_pretrained layout plus

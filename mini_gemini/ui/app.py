@@ -59,16 +59,27 @@ def watch_loading(progress=gr.Progress()):
     while not server.LOADER.done.wait(0.3):
         progress(server.LOADER.fraction, desc=server.LOADER.stage)
         yield (f"Loading: {literal(server.LOADER.stage)} ({time.monotonic() - server.LOADER.started:.0f} s)", gr.skip(), gr.skip(),
-               gr.skip(), gr.skip())
+               gr.skip(), gr.skip(), gr.skip())
     engine = server.LOADER.engine
     if engine is None:
-        yield f"**Error:** {literal(server.LOADER.failure)}", gr.Markdown(visible=False), "", gr.skip(), gr.skip()
+        yield (f"**Error:** {literal(server.LOADER.failure)}", gr.Markdown(visible=False), "", gr.skip(), gr.skip(),
+               gr.skip())
         return
     layout = hm.Layout.from_config(engine.model.config)
     yield (f"Ready: {literal(str(engine.model.name_or_path))}",
            gr.Markdown(server.LOADER.banner, visible=bool(server.LOADER.banner)), model_info(engine),
            gr.Radio(choices=list(layout.choices()), value=hm.CROPS, visible=layout.global_view),
-           image_switch(engine))
+           image_switch(engine), ocr_switch(engine, demo=server.LOADER.demo))
+
+
+def ocr_switch(engine: Engine, demo: bool) -> gr.Checkbox:
+    """"Read text (OCR)": on for real checkpoints, off for the demo model (it was not trained with OCR text,
+    and OCR would read its digits for it); unavailable, with the install line, without the OCR extra."""
+    why = engine.ocr_unavailable_reason()
+    if why:
+        return gr.Checkbox(value=False, interactive=False, info=f"unavailable: {why}")
+    return gr.Checkbox(value=not demo, interactive=True,
+                       info="off for the demo model: it reads its digits itself" if demo else None)
 
 
 def image_switch(engine: Engine) -> gr.Checkbox:
@@ -111,6 +122,8 @@ def build_demo() -> gr.Blocks:
                                                show_label=False, elem_id="mgm-input")
                 with gr.Row(equal_height=True):
                     gen_cb = gr.Checkbox(label="Generate an image", value=False, elem_id="mgm-gen", min_width=150)
+                    ocr_cb = gr.Checkbox(label="Read text (OCR)", value=False, interactive=False, elem_id="mgm-ocr",
+                                         min_width=150)
                     stop_btn = gr.Button("Stop", size="sm", interactive=False, elem_id="mgm-stop", min_width=70)
                     regen_btn = gr.Button("Regenerate", size="sm", interactive=False, elem_id="mgm-regen", min_width=70)
                     undo_btn = gr.Button("Undo", size="sm", interactive=False, elem_id="mgm-undo", min_width=70)
@@ -173,15 +186,15 @@ def build_demo() -> gr.Blocks:
         panel_out = [image_dd, overlay_img, gain_img, caption, zoom_img, zoom_md, dl_png, dl_npz, selected]
         settings = [temperature, top_p, max_new, steps]
 
-        demo.load(watch_loading, None, [status, banner, model_md, which, gen_cb], concurrency_limit=None,
+        demo.load(watch_loading, None, [status, banner, model_md, which, gen_cb, ocr_cb], concurrency_limit=None,
                   show_progress="minimal", **private)
         history_buttons = [regen_btn, undo_btn, clear_btn]
-        sent = textbox.submit(chat_ui, [textbox, gen_cb, *settings], [chatbot, textbox, stop_btn],
+        sent = textbox.submit(chat_ui, [textbox, gen_cb, ocr_cb, *settings], [chatbot, textbox, stop_btn],
                               show_progress="hidden", **model)
         sent.then(buttons_ui, None, history_buttons, **private)
         sent.then(panel_after_turn, panel_in, panel_out, **private)
         sent.then(imagegen_state_ui, None, [gen_cb, model_md], **private)
-        again = regen_btn.click(regenerate_ui, [gen_cb, *settings], [chatbot, textbox, stop_btn],
+        again = regen_btn.click(regenerate_ui, [gen_cb, ocr_cb, *settings], [chatbot, textbox, stop_btn],
                                 show_progress="hidden", **model)
         again.then(buttons_ui, None, history_buttons, **private)
         again.then(panel_ui, panel_in, panel_out, **private)
@@ -208,9 +221,20 @@ def build_demo() -> gr.Blocks:
     return demo
 
 
+def _log_to_console() -> None:
+    """The package's own log lines (loading progress, refused uploads) on stderr, one line each."""
+    ours = logging.getLogger("mini_gemini")
+    if not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[app] %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+
+
 def main(argv=None):
     """Parse the options, start loading the model in the background, and serve the page (blocks)."""
-    logging.basicConfig(level=logging.INFO, format="[app] %(message)s")
+    _log_to_console()
     server.ARGS = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a clean exit: the temp folder is removed
     server.LOADER = Loader(server.ARGS).start()

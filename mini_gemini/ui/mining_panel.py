@@ -10,6 +10,7 @@ from ..viz import heatmap as hm
 from ..viz.hr_map import mined_pixels
 from ..viz.legend import with_colorbar
 from . import server
+from .markup import literal
 from .server import session_of
 
 # ---- mining panel ---------------------------------------------------------------------------------
@@ -50,9 +51,33 @@ def _panel_images(entry, layout, which, metric, cmap, alpha, mark=None):
     over = hm.overlay(photo, attn_map, cmap=cmap, alpha=alpha, size=size, mark=box, vmin=lo, vmax=hi)
     g_lo, g_hi = float(gain_map.min()), float(gain_map.max())
     gain = hm.overlay(photo, gain_map, cmap="magma", alpha=alpha, size=size, mark=box, vmin=g_lo, vmax=g_hi)
+    if entry.ocr is not None and entry.ocr.lines:  # the text OCR read: its boxes, a layer over the map
+        draw_text_boxes(over, entry.ocr, photo.size)
     over = with_colorbar(over, cmap, lo, hi, _LEGEND[metric])
     gain = with_colorbar(gain, "magma", g_lo, g_hi, GAIN_LEGEND)
     return over, gain, attn_map, gain_map
+
+
+def draw_text_boxes(picture, ocr, photo_size) -> None:
+    """Outline every line of text OCR read (green boxes, its number beside it) on `picture`, which shows the
+    photo at its own size; boxes come in photo pixels."""
+    from PIL import ImageDraw
+    sx, sy = picture.width / photo_size[0], picture.height / photo_size[1]
+    draw = ImageDraw.Draw(picture)
+    for n, line in enumerate(ocr.lines, 1):
+        points = [(x * sx, y * sy) for x, y in line.box]
+        draw.polygon(points, outline=(0, 255, 120), width=2)
+        draw.text((points[0][0] + 2, points[0][1] - 12), str(n), fill=(0, 255, 120))
+
+
+def ocr_caption(ocr) -> str:
+    """What OCR read in the image, numbered as the boxes are, with the time it took."""
+    if ocr is None:
+        return ""
+    if not ocr.lines:
+        return f" **Text read (OCR):** none found ({ocr.seconds:.2f} s)."
+    listed = "; ".join(f"{n}. “{literal(line.text)}”" for n, line in enumerate(ocr.lines, 1))
+    return f" **Text read (OCR)**, green boxes, in {ocr.seconds:.2f} s: {listed}."
 
 
 def _caption(k: int, layout: hm.Layout, which: str, metric: str, attn_map, gain_map) -> str:
@@ -120,7 +145,8 @@ def panel_ui(label, which, metric, cmap, alpha, selected, request: gr.Request, n
     ex.downloads = [png, Path(npz)]
     zoomed, zoom_text = _zoom(entry, k, layout, *mark, cmap) if mark else \
         (None, "Click a point on the left picture: the LR token there and its HR candidates' weights show here.")
-    return (dropdown, over, gain, _caption(k, layout, which, metric, attn_map, gain_map), zoomed, zoom_text,
+    return (dropdown, over, gain, _caption(k, layout, which, metric, attn_map, gain_map) + ocr_caption(entry.ocr),
+            zoomed, zoom_text,
             gr.DownloadButton(value=str(png), interactive=True), gr.DownloadButton(value=str(npz), interactive=True),
             selected if mark else None)
 

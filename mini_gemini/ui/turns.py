@@ -103,7 +103,8 @@ def run_turn(session, ex: Extras, text: str, files: list, generate_image: bool, 
             live.notices += [f"Image {live.first + k}: {n}." for n in loaded.notes]
         if live.error is not None:
             live.files = []
-            ex.fail(Failed(len(session.turns), live.user, [], live.error, {"text": text, "files": list(files)}))
+            # the text goes back to the input box; the files do not (one of them is what failed)
+            ex.fail(Failed(len(session.turns), live.user, [], live.error, {"text": text, "files": []}))
             yield live
             return
     yield live
@@ -151,9 +152,10 @@ def run_turn(session, ex: Extras, text: str, files: list, generate_image: bool, 
     yield live
 
 
-def _options(temperature, top_p=0.7, max_new_tokens=None, steps=30) -> GenOptions:
+def _options(temperature, top_p=0.7, max_new_tokens=None, steps=30, ocr=False) -> GenOptions:
     return GenOptions(temperature=float(temperature), top_p=float(top_p),
-                      max_new_tokens=int(max_new_tokens or server.ARGS.max_new_tokens), steps=int(steps))
+                      max_new_tokens=int(max_new_tokens or server.ARGS.max_new_tokens), steps=int(steps),
+                      ocr=bool(ocr))
 
 
 def _files(message) -> tuple[str, list]:
@@ -163,17 +165,18 @@ def _files(message) -> tuple[str, list]:
     return message.get("text") or "", [f for f in files if f]
 
 
-def chat_ui(message, generate_image, temperature, top_p, max_new_tokens, steps, request: gr.Request):
+def chat_ui(message, generate_image, read_text, temperature, top_p, max_new_tokens, steps, request: gr.Request):
     text, files = _files(message)
     if not clean_text(text).strip() and not files:
         yield gr.skip(), gr.skip(), gr.skip()
         return
     session, ex = session_of(request)
     yield from _stream(session, ex, lambda: run_turn(session, ex, text, files, generate_image,
-                                                     _options(temperature, top_p, max_new_tokens, steps)))
+                                                     _options(temperature, top_p, max_new_tokens, steps,
+                                                              read_text)))
 
 
-def regenerate_ui(generate_image, temperature, top_p, max_new_tokens, steps, request: gr.Request):
+def regenerate_ui(generate_image, read_text, temperature, top_p, max_new_tokens, steps, request: gr.Request):
     """Answer the last message again, following the switches as they are now. When the last message
     failed, nothing is redone (the answer before it was not asked for): its text goes back to the input."""
     session, ex = session_of(request)
@@ -185,7 +188,8 @@ def regenerate_ui(generate_image, temperature, top_p, max_new_tokens, steps, req
                                                         interactive=True), gr.skip()
         return
     yield from _stream(session, ex, lambda: run_turn(session, ex, "", [], bool(generate_image),
-                                                     _options(temperature, top_p, max_new_tokens, steps),
+                                                     _options(temperature, top_p, max_new_tokens, steps,
+                                                              read_text),
                                                      regenerate=True))
 
 
