@@ -99,7 +99,8 @@ def _main(argv: list[str], as_json: bool) -> int:
     try:
         model = load_pretrained(resolve_model_name(args.model), device=args.device, dtype=args.dtype,
                                 load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
-                                template=args.template)
+                                template=args.template,
+                                llm_layers=not args.llm_server)  # with a server, the LLM's layers run there
     except (ModelLoadError, ValueError, OSError) as e:
         return _fail(str(e), "model", as_json, 2)
     imagegen = None

@@ -418,3 +418,26 @@ def test_sessions_stay_within_the_engines_bound(srv, monkeypatch, tmp_path):
     reply = chat(clients[0], "Hello again")[0]
     assert "Note: This conversation had expired" in reply
     assert [t.user for t in session(srv, clients[0]).turns] == ["Hello again"]
+
+
+def test_a_user_error_is_one_log_line_not_a_traceback(srv, tmp_path, capfd):
+    """A text file sent as an image: the client is told what to send instead, the server log gets one line
+    (no traceback), and the conversation goes on."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello, I am not a picture")
+    import logging
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage() + (" +traceback" if record.exc_info else ""))
+    ours = logging.getLogger("mini_gemini")
+    ours.addHandler(handler)
+    try:
+        c = client(srv)
+        capfd.readouterr()
+        refused(c, ASK, [notes], match="PNG, JPEG, WebP, GIF or BMP")
+        time.sleep(0.5)  # the server's own log lines come from its worker threads
+    finally:
+        ours.removeHandler(handler)
+    assert "Traceback" not in "".join(capfd.readouterr())  # Gradio printed none
+    assert [line for line in lines if "not an image" in line] == [lines[-1]] and "+traceback" not in lines[-1]
+    assert chat(c, HELLO)[0] is not None

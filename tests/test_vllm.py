@@ -89,7 +89,11 @@ def test_export_keeps_mixtral_experts_under_the_names_vllm_reads(tmp_path):
 
 
 def test_an_unreachable_server_is_an_error_event_and_the_history_stays(tmp_path):
-    model = load_pretrained(_tiny("vicuna", tmp_path / "ckpt"), device="cpu", dtype="float32")
+    ckpt = _tiny("vicuna", tmp_path / "ckpt")
+    model = load_pretrained(ckpt, device="cpu", dtype="float32", llm_layers=False)
+    assert len(model.llm.model.layers) == 0 and model.llm.lm_head is None
+    with pytest.raises(ValueError, match="llm_server"):
+        Engine(model)  # a model without its LLM layers cannot answer by itself
     s = Engine(model, llm_server="http://127.0.0.1:9").session()
     events, turn = run(s, "Hello", options=GREEDY)
     (err,) = kinds(events, "error")
@@ -240,7 +244,7 @@ def test_stop_mid_answer_aborts_the_request_on_the_server(served, family):
             break
         time.sleep(0.2)
     made = m.get("vllm:generation_tokens_total", 0) - before.get("vllm:generation_tokens_total", 0)
-    assert m.get("vllm:num_requests_running", 0) == 0 and made < LONG, (made, m.get("vllm:num_requests_running"))
+    assert m.get("vllm:num_requests_running", 0) == 0 and 0 < made < LONG, (made, m.get("vllm:num_requests_running"))
     # the conversation goes on after a Stop, with the partial answer in its history
     events, turn2 = run(s, "Short answer please.", options=GREEDY)
     assert turn2 is not None and not kinds(events, "error") and len(s.turns) == 2
@@ -284,6 +288,7 @@ def test_app_option_and_environment_make_the_engine_use_the_server(served, tmp_p
     loader = ui_server.Loader(args)
     loader._run()
     assert loader.engine is not None and loader.engine.llm_server.url == server.url, loader.failure
+    assert len(loader.engine.model.llm.model.layers) == 0  # the LLM's layers were not loaded here
     turns = [("What is in the image?", [RED])]
     assert _conversation(loader.engine, turns)[0] == _conversation(Engine(model), turns)[0]
     # a checkpoint that cannot be loaded: the fallback model is not what the server serves, so it runs locally

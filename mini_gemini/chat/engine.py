@@ -59,6 +59,9 @@ class Engine:
                     self.max_context = min(self.max_context, int(self.llm_server.max_model_len))
             except Exception:  # noqa: BLE001 - not up yet: asked again on the first answer
                 pass
+        elif getattr(model, "llm_layers", True) is False:
+            raise ValueError("This model was loaded without its LLM layers (load_pretrained(llm_layers=False)); "
+                             "give the engine the LLM server that runs them (llm_server=URL).")
         self.max_sessions, self.kv_sessions = max(1, max_sessions), max(0, kv_sessions)
         self.images_per_session = images_per_session
         self.sessions: OrderedDict[str, ChatSession] = OrderedDict()

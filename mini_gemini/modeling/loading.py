@@ -34,6 +34,8 @@ _PREFIXES = [
 # Mixtral: checkpoints keep one Linear per expert (w1 gate, w3 up, w2 down); transformers 5 fuses them.
 _MOE = re.compile(r"(model\.layers\.\d+)\.block_sparse_moe\.(?:experts\.(\d+)\.(w[123])|gate)\.weight")
 _FUSED = re.compile(r"llm\.(model\.layers\.\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+# The LLM's parts left out by load_pretrained(llm_layers=False) (our names).
+_DROPPED = ("llm.model.layers.", "llm.lm_head.")
 # Stored buffers that transformers 5 recomputes instead of loading.
 _IGNORED = re.compile(r".*(\.position_ids|rotary_emb\.inv_freq)$")
 
@@ -226,7 +228,8 @@ def _device_for(name: str, plan: dict):
 def load_weights(model: MiniGemini, files, dtype: torch.dtype, plan: dict):
     """Stream the checkpoint's tensors into a meta-initialised model (strict, official names)."""
     shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    tied = _tied(model)
+    dropped = not getattr(model, "llm_layers", True)  # load_pretrained(llm_layers=False)
+    tied = _tied(model) and not dropped
     if tied:
         shapes.pop("llm.lm_head.weight", None)
     expected = set(shapes)
@@ -237,7 +240,8 @@ def load_weights(model: MiniGemini, files, dtype: torch.dtype, plan: dict):
             raise ModelLoadError(f"Missing weight shard {file}; download the checkpoint again.")
         for key, t in read_weights(file):
             name, slot = to_internal(key)
-            if _IGNORED.fullmatch(key) or (tied and name == "llm.lm_head.weight"):
+            if _IGNORED.fullmatch(key) or (tied and name == "llm.lm_head.weight") or \
+                    (dropped and name.startswith(_DROPPED)):
                 continue
             if name not in expected:
                 unexpected.append(key)
@@ -314,10 +318,14 @@ def _quantize(model: MiniGemini, bits: int, dtype: torch.dtype):
 
 def load_pretrained(name_or_path: str, *, device: str | None = None, dtype: torch.dtype | str | None = None,
                     device_map=None, load_in_4bit: bool = False, load_in_8bit: bool = False,
-                    template: str | None = None, revision: str | None = None) -> MiniGemini:
+                    template: str | None = None, revision: str | None = None,
+                    llm_layers: bool = True) -> MiniGemini:
     """Load an MGM checkpoint (hub id or folder) with its tokenizer, image processor and chat template.
 
     device_map: None (everything on `device`), "auto" (accelerate spreads it over GPUs and CPU), or a dict.
+    llm_layers=False: leave out the LLM's decoder layers and output head (only its token embedding and final
+    norm are loaded), for a process whose LLM runs on a server (`Engine(model, llm_server=URL)`): the towers,
+    mining and projector work as usual, the model cannot generate by itself.
     """
     from ..chat.templates import select_template
     folder = resolve(str(name_or_path), revision)
@@ -339,6 +347,10 @@ def load_pretrained(name_or_path: str, *, device: str | None = None, dtype: torc
 
     with init_empty_weights(include_buffers=False):
         model = MiniGemini(config)
+    if not llm_layers:
+        model.llm.model.layers = torch.nn.ModuleList()
+        model.llm.lm_head = None
+        model.llm_layers = False
     plan = _plan_devices(model, device_map, dtype) if device_map is not None else \
         {"": "cpu" if quant else device}
     load_weights(model, weight_files(folder), dtype, plan)

@@ -6,7 +6,7 @@ import gradio as gr
 from ..chat import clean_text
 from .markup import split_image_prompt
 from .mining_panel import heatmap_gallery
-from .server import session_of
+from .server import session_of, user_error
 from .turns import _options, run_turn
 
 # ---- API ------------------------------------------------------------------------------------------
@@ -18,14 +18,14 @@ def api_chat(message: str, images: list | None, generate_image: bool, temperatur
     """
     files = [f if isinstance(f, str) else getattr(f, "path", None) or f.get("path") for f in (images or [])]
     if not clean_text(message).strip() and not files:
-        raise gr.Error("Send a message, an image, or both.")
+        raise user_error("Send a message, an image, or both.")
     session, ex = session_of(request)
     live = None
     for live in run_turn(session, ex, message or "", files, bool(generate_image), _options(temperature or 0.0)):
         if live.error is None:
             yield api_reply(live.text, []), None, []
     if live.error:
-        raise gr.Error(live.error)
+        raise gr.Error(live.error, print_exception=False)  # already logged, in one line, by run_turn
     answer = live.turn.assistant if live.turn is not None else live.text
     yield api_reply(answer, live.notices), live.image_file, heatmap_gallery(session)
 

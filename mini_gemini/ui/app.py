@@ -170,7 +170,8 @@ def build_demo() -> gr.Blocks:
         # The API endpoint's own (hidden) inputs and outputs.
         with gr.Row(visible=False):
             api_msg = gr.Textbox(label="message")
-            api_files = gr.File(label="images", file_count="multiple", file_types=["image"], type="filepath")
+            # no file_types: Gradio would refuse other files with a traceback in the log; the engine checks them
+            api_files = gr.File(label="images", file_count="multiple", type="filepath")
             api_gen = gr.Checkbox(label="generate_image")
             api_temp = gr.Number(label="temperature", value=0.2)
             api_reply = gr.Textbox(label="reply")

@@ -38,7 +38,7 @@ from ..inputs.remote import image_bytes
 from ..viz import heatmap as hm
 from . import server
 from .api import api_reply
-from .server import session_of
+from .server import session_of, user_error
 from .turns import _options, run_turn
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def chat_about_image(message: str, image: str | None = None, session_id: str | N
     text = message or ""
     source = (image or "").strip()
     if not clean_text(text).strip() and not source:
-        raise gr.Error("Send a message, an image, or both.")
+        raise user_error("Send a message, an image, or both.")
     temperature = _temperature(temperature)
     sid = _session_id(session_id)
     session, ex = session_of(SimpleNamespace(session_hash=SESSION_PREFIX + sid))
@@ -78,7 +78,7 @@ def chat_about_image(message: str, image: str | None = None, session_id: str | N
             loaded = session.prepare_images([image_bytes(source)])
         except ImageError as e:
             log.info("refused an MCP image: %s", e)
-            raise gr.Error(str(e)) from e
+            raise user_error(str(e)) from e
     live = None
     try:
         for update in run_turn(session, ex, text, loaded, False, _options(temperature)):
@@ -88,9 +88,9 @@ def chat_about_image(message: str, image: str | None = None, session_id: str | N
             if failed.typed:
                 failed.typed["files"] = []
     if live is None:
-        raise gr.Error("There is no answer (the turn did not start).")
+        raise user_error("There is no answer (the turn did not start).")
     if live.error:
-        raise gr.Error(live.error)
+        raise user_error(live.error)
     answer = live.turn.assistant if live.turn is not None else live.text
     turn_images = list(live.turn.images) if live.turn is not None else []
     # one text: Gradio's MCP bridge turns several outputs into the repr of a list for most clients
@@ -103,9 +103,9 @@ def _temperature(value) -> float:
     try:
         t = float(0.2 if value is None else value)
     except (TypeError, ValueError):
-        raise gr.Error("temperature must be a number from 0 to 1.5.") from None
+        raise user_error("temperature must be a number from 0 to 1.5.") from None
     if not math.isfinite(t) or not 0.0 <= t <= MAX_TEMPERATURE:
-        raise gr.Error("temperature must be a number from 0 to 1.5.")
+        raise user_error("temperature must be a number from 0 to 1.5.")
     return t
 
 
@@ -114,7 +114,7 @@ def _session_id(value: str | None) -> str:
     if not sid:
         return secrets.token_urlsafe(18)
     if not _SESSION_ID.fullmatch(sid):
-        raise gr.Error("session_id must be one returned by an earlier call (8 to 128 letters, digits, - or _), "
+        raise user_error("session_id must be one returned by an earlier call (8 to 128 letters, digits, - or _), "
                        "or empty to start a new conversation.")
     return sid
 

@@ -54,7 +54,7 @@ class Loader:
         a = self.args
         try:
             try:
-                model = self._load(resolve_model_name(a.model), quant=True)
+                model = self._load(resolve_model_name(a.model), quant=True, remote=bool(getattr(a, "llm_server", None)))
             except Exception as e:  # noqa: BLE001 — whatever went wrong, the app still starts
                 why = str(e) if isinstance(e, ModelLoadError) else f"{type(e).__name__}: {e}"
                 log.warning("could not load %s: %s", a.model, why)
@@ -67,7 +67,7 @@ class Loader:
             sdxl = None if str(a.sdxl).lower() in ("", "none", "off") else \
                 ImageGenerator(a.sdxl, device=a.device)  # loads on first use
             # the LLM server serves the checkpoint asked for, not the fallback model
-            server = getattr(a, "llm_server", None) if model.name_or_path == resolve_model_name(a.model) else None
+            server = getattr(a, "llm_server", None) if getattr(model, "llm_layers", True) is False else None
             self.engine = Engine(model, sdxl, llm_server=server)
             self._set(f"Ready: {model.name_or_path}", 1.0)
         except Exception as e:  # noqa: BLE001
@@ -76,7 +76,7 @@ class Loader:
         finally:
             self.done.set()
 
-    def _load(self, name: str, quant: bool = False):
+    def _load(self, name: str, quant: bool = False, remote: bool = False):
         a = self.args
         self.demo = Path(name).resolve() == demo_model_path().resolve()  # the bundled one-task model
         self._set(f"Finding {name} (local folder, Hugging Face cache or download)…", 0.05)
@@ -84,7 +84,8 @@ class Loader:
         device = a.device or ("cuda" if _cuda() else "cpu")
         self._set(f"Loading the weights of {name} onto {device}…", 0.3)
         model = load_pretrained(str(folder), device=device, dtype=a.dtype, template=a.template,
-                                load_in_4bit=quant and a.load_in_4bit, load_in_8bit=quant and a.load_in_8bit)
+                                load_in_4bit=quant and a.load_in_4bit, load_in_8bit=quant and a.load_in_8bit,
+                                llm_layers=not remote)  # remote: the LLM's layers run on the --llm-server
         model.name_or_path = name
         return model
 
@@ -185,6 +186,13 @@ class Extras:
 
 EXTRAS: dict[str, Extras] = {}
 _extras_lock = threading.Lock()
+
+
+def user_error(message: str) -> gr.Error:
+    """An error the user caused (a bad file, a busy conversation): shown to them, one line in the server log
+    and no traceback; the server keeps serving."""
+    log.info("refused: %s", " ".join(str(message).split())[:300])
+    return gr.Error(message, print_exception=False)
 
 
 def session_of(request: gr.Request | None):

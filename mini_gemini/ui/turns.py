@@ -13,7 +13,7 @@ from ..errors import ImageError, SessionBusyError
 from ..training.synthetic import is_task_question
 from . import server
 from .markup import _answer_messages, _user_message, render
-from .server import Extras, Failed, View, session_of
+from .server import Extras, Failed, View, session_of, user_error
 
 try:  # Hugging Face ZeroGPU: `spaces.GPU` borrows a GPU per call there and is a no-op elsewhere
     import spaces
@@ -234,7 +234,7 @@ def undo_ui(request: gr.Request):
         try:
             session.undo()
         except SessionBusyError as e:  # the running turn did not stop in time
-            raise gr.Error(str(e)) from e
+            raise user_error(str(e)) from e
         ex.sync(len(session.turns))
     return render(session, ex)
 
@@ -244,6 +244,6 @@ def clear_ui(request: gr.Request):
     try:
         session.clear()
     except SessionBusyError as e:
-        raise gr.Error(str(e)) from e
+        raise user_error(str(e)) from e
     ex.failed, ex.views = [], []
     return render(session, ex), None
