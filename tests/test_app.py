@@ -296,3 +296,35 @@ def test_demo_model_questions_outside_its_task_are_flagged(app_module):
     loader = app_module.Loader(app_module.parse_args(["--model", "demo", "--sdxl", "none", "--device", "cpu"]))
     loader._run()
     assert loader.demo and loader.engine is not None and not loader.banner
+
+
+def test_mined_pixels_map_puts_each_weight_at_its_hr_position():
+    """The map of mined HR pixels: token t's P x P weights land in t's own cell, candidate (r, c) at row
+    r, column c of it; HD crops tile the square row-major and the global view covers it whole."""
+    from mini_gemini.viz.hr_map import mined_pixels
+    from mini_gemini.viz.legend import LEGEND_HEIGHT, with_colorbar
+    layout = hm.Layout(side=2, patch=3, grid=2, global_view=True)
+    attn = np.random.default_rng(0).random((5, 4, 9)).astype(np.float32)
+    crops = mined_pixels(attn, layout)
+    assert crops.shape == (12, 12) and crops.dtype == np.float32
+    for view in range(1, 5):
+        gi, gj = divmod(view - 1, 2)
+        for token in range(4):
+            ti, tj = divmod(token, 2)
+            for k in range(9):
+                r, c = divmod(k, 3)
+                assert crops[gi * 6 + ti * 3 + r, gj * 6 + tj * 3 + c] == attn[view, token, k]
+    glob = mined_pixels(attn, layout, hm.GLOBAL)
+    assert glob.shape == (6, 6) and glob[3 + 2, 0 + 1] == attn[0, 2, 7]   # token 2 = row 1, col 0; k 7 = (2, 1)
+    plain = hm.Layout(side=8, patch=8)                                   # the demo model: 64 x 64
+    assert mined_pixels(np.full((1, 64, 64), 1 / 64, np.float32), plain).shape == (64, 64)
+    with pytest.raises(ValueError):
+        mined_pixels(attn[:, :, :4], layout)
+    with pytest.raises(ValueError):
+        mined_pixels(attn[1:], hm.Layout(side=2, patch=3, grid=2), hm.GLOBAL)
+    # the legend strip: the ramp from vmin (left) to vmax (right) under the picture
+    from PIL import Image
+    shown = with_colorbar(Image.new("RGB", (200, 100), (0, 0, 0)), "gray", 0.0, 0.5, "mining weight")
+    assert shown.size == (200, 100 + LEGEND_HEIGHT)
+    ramp = np.asarray(shown)[100 + 6 + 6]                                # a row through the colour bar
+    assert ramp[10].sum() < ramp[100].sum() < ramp[189].sum()

@@ -311,3 +311,17 @@ def test_diffusion_failure_or_missing_pipeline_keeps_the_text_answer(vicuna, tmp
     regen = [e.data for e in s.regenerate(GREEDY) if e.kind == "done"][0]
     assert sum("device-side assert" in n for n in regen.notes) == 1  # notes of the old answer are gone
     assert regen.notes[0] == "Image 1: transparency composited on white."  # notes of the message stay
+
+
+def test_regenerate_follows_the_image_switch(vicuna):
+    """Regenerate with the image switch now off draws nothing; switched on again, it draws."""
+    gen = FakeImageGenerator()
+    s = Engine(vicuna, gen).session()
+    events, turn = run(s, "Draw a cat", generate_image=True, options=GREEDY)
+    assert kinds(events, "image") and len(gen.prompts) == 1
+    again = list(s.regenerate(GREEDY, generate_image=False))
+    assert not kinds(again, "image") and len(gen.prompts) == 1
+    assert s.turns[-1].generated_image is None and s.turns[-1].image_prompt is None
+    assert kinds(list(s.regenerate(GREEDY, generate_image=True)), "image") and len(gen.prompts) == 2
+    kept = list(s.regenerate(GREEDY))  # None: as the turn last asked
+    assert kinds(kept, "image") and len(gen.prompts) == 3

@@ -201,7 +201,10 @@ def test_default_model_not_cached_message_and_retry(monkeypatch, tiny_sdxl_dir):
     real = StableDiffusionXLPipeline.from_pretrained.__func__
     fail = {"on": True}
 
+    calls = []
+
     def fake(cls, source, **kwargs):
+        calls.append(source)
         if fail["on"]:
             raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache")
         return real(cls, str(tiny_sdxl_dir), **kwargs)
@@ -212,9 +215,14 @@ def test_default_model_not_cached_message_and_retry(monkeypatch, tiny_sdxl_dir):
     with pytest.raises(ImageGenError) as info:
         gen.load()
     assert f"`hf download {DEFAULT_SDXL}`" in str(info.value) and "--sdxl" in str(info.value)
-    assert not gen.loaded
+    assert not gen.loaded and "stacktrace" not in str(info.value)
     fail["on"] = False
-    assert gen.load().loaded and gen.native_size() == IMAGE_SIZE
+    with pytest.raises(ImageGenError):  # nothing changed here since: the hub is not asked again
+        gen.load()
+    assert len(calls) == 1
+    import huggingface_hub  # the download happened (`hf download`): the pipeline's index is in the cache now
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name, **kw: f"/cache/{repo}/{name}")
+    assert gen.load().loaded and gen.native_size() == IMAGE_SIZE and len(calls) == 2
 
 
 def test_a_failed_load_is_remembered_until_its_cause_changes(tmp_path, monkeypatch):

@@ -75,6 +75,17 @@ def test_export_writes_the_llm_alone_and_transformers_loads_it_as_the_same_llm(f
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_export_of_a_pytorch_bin_checkpoint_writes_safetensors(tmp_path):
+    from safetensors.torch import load_file
+    model = build_tiny("gemma", head_dim=64)
+    save_pretrained(model, tmp_path / "ckpt", safe_serialization=False)
+    out = export_llm(tmp_path / "ckpt", tmp_path / "llm", log=lambda *a: None)
+    (shard,) = out.glob("*.safetensors")
+    got = load_file(shard)
+    ours = {k: v for k, v in model.llm.state_dict().items() if k != "lm_head.weight"}  # tied
+    assert set(got) == set(ours) and all(torch.equal(got[k], ours[k]) for k in ours)
+
+
 def test_export_keeps_mixtral_experts_under_the_names_vllm_reads(tmp_path):
     from safetensors import safe_open
     ckpt = _tiny("mixtral", tmp_path / "ckpt")
