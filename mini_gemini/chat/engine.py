@@ -36,7 +36,18 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")           # sentencepiece byte-f
 
 
 class Engine:
-    """One model, many sessions. Model runs are serialised; sessions and KV caches are bounded (LRU)."""
+    """One model, many sessions (conversations). Sessions and KV caches are bounded (least recently used
+    ones are dropped, with a notice on their next turn).
+
+    Args:
+        model: a `MiniGemini` with its `.processor` (as `load_pretrained` returns it).
+        image_generator: an `ImageGenerator` (SDXL) for turns that ask for an image, or None.
+        max_context: tokens the model may see (default and upper bound: the LLM's max_position_embeddings).
+        max_sessions: conversations kept; kv_sessions: conversations that keep a KV cache between turns;
+        images_per_session: images one conversation may hold.
+
+    Use `session(id)` for a conversation, `end_session(id)` to free one, `cancel(id)` to stop its turn.
+    """
 
     #: The OCR reader for GenOptions.ocr (inputs.ocr.OcrReader or anything with `read(pil) -> OcrResult`);
     #: None: the process-wide default (`inputs.ocr.get_reader()`, models loaded once, on first use).

@@ -115,11 +115,21 @@ class ChatSession:
              options: GenOptions | None = None) -> Iterator[Event]:
         """Add a user turn (text and any images) and stream the answer.
 
-        Images: paths, bytes, file objects or PIL images (decoded by `images.load_image`), or
-        `LoadedImage`s a caller has decoded already.
+        Args:
+            text: the user's message (control characters dropped; cut at MAX_USER_CHARS with a note).
+            images: paths, bytes, file objects or PIL images (decoded by `inputs.images.load_image`), or
+                `LoadedImage`s a caller has decoded already (`prepare_images`).
+            generate_image: ask for an image (" <GEN>" is added, as the official demo does; SDXL draws it).
+            options: sampling, length, OCR and image-generation options (`GenOptions`, made valid first).
 
-        An empty message without images does nothing. Problems (an unreadable image, a message that
-        cannot fit, a model failure) end the turn with one "error" event and leave the history as it was.
+        Yields:
+            `Event`s: "notice" (a `Note`), "delta" (answer text), "progress" (image drawing, fraction in
+            data), "image" (PIL image in data, its prompt in text), then "done" (the `Turn`) — or one
+            "error" (a message for the user; data = a short tag such as "too_many", "oom", "busy").
+
+        An empty message without images does nothing. Problems (an unreadable image, a message that cannot
+        fit, a model failure) end the turn with one "error" event and leave the history as it was. Nothing
+        is raised: the generator is closed (client gone) → the model stops at its next step.
         """
         options = (options or GenOptions()).checked()
         text = clean_text(text)

@@ -141,6 +141,10 @@ class ImageGenerator:
     model: a hub id (default SDXL base 1.0) or a local diffusers folder. device: "cuda", "cuda:1", "cpu",
     ... (default: CUDA when available). dtype: default float16 on CUDA, float32 elsewhere.
     offload: "auto" (model CPU offload when the GPU has too little free memory), "always" or "never".
+
+    `generate(prompt, ...)` returns a PIL image; prompts are cut to what CLIP reads (`fit_prompt`). Raises
+    `ImageGenError` (what to do, in one sentence) when the pipeline cannot be loaded or run; a failed load is
+    remembered (`unavailable`) until its cause changes, so the hub is not asked again on every try.
     """
 
     def __init__(self, model: str = DEFAULT_SDXL, device: str | None = None, dtype: torch.dtype | None = None,

@@ -29,6 +29,21 @@ class Views:
 
 
 class ImageProcessor:
+    """Image -> the model's two inputs, as the official "pad" preprocessing makes them (DESIGN.md 1.4):
+    pad to a square with the mean colour (mean x 255), resize to the HR size with CLIP's processor
+    (bicubic, CLIP mean/std), and take the LR views by bilinear interpolation of that HR tensor (HD: a 2x2
+    grid of crops row-major, after a global view).
+
+    Args:
+        lr_size: side of one LR view in pixels (336; the HD image is grid x lr_size).
+        hr_size: side of the HR image (`image_size_aux`: 768, 1536 in HD).
+        grid / global_view: HD layout (`image_grid`, `image_global`).
+        mean / std: normalisation per channel (CLIP's by default).
+
+    Calling it on a PIL image returns `Views(pixel_values (V, 3, S, S), pixel_values_aux (3, S_aux, S_aux))`,
+    float32; memory and time depend on the HR size only, not on the upload's size.
+    """
+
     def __init__(self, lr_size: int, hr_size: int, grid: int = 1, global_view: bool = False,
                  mean=CLIP_MEAN, std=CLIP_STD):
         self.lr_size, self.hr_size, self.grid = lr_size, hr_size, grid

@@ -320,9 +320,25 @@ def load_pretrained(name_or_path: str, *, device: str | None = None, dtype: torc
                     device_map=None, load_in_4bit: bool = False, load_in_8bit: bool = False,
                     template: str | None = None, revision: str | None = None,
                     llm_layers: bool = True) -> MiniGemini:
-    """Load an MGM checkpoint (hub id or folder) with its tokenizer, image processor and chat template.
+    """Load an MGM checkpoint (hub id or folder) with its processor (tokenizer, image processor, template).
 
-    device_map: None (everything on `device`), "auto" (accelerate spreads it over GPUs and CPU), or a dict.
+    Args:
+        name_or_path: a hub id ("YanweiLi/MGM-2B", fetched into or read from the Hugging Face cache) or a
+            folder in the official layout (config.json, safetensors or .bin shards with an index, tokenizer).
+        device: "cuda", "cuda:1", "cpu" (default: cuda when available).
+        dtype: torch dtype or its name (default: bfloat16 on CUDA, float32 on CPU).
+        device_map: None (everything on `device`), "auto" (accelerate spreads it over GPUs and CPU), or a dict.
+        load_in_4bit / load_in_8bit: quantise the LLM's linear layers with bitsandbytes (CUDA only).
+        template: chat template name overriding the one chosen from the config and tokenizer.
+        revision: hub revision (branch, tag or commit).
+
+    Returns:
+        `MiniGemini` in eval mode, without gradients, with `.processor` (`MGMProcessor`) and `.name_or_path`.
+
+    Raises:
+        ModelLoadError: not found, offline and not cached, not an MGM checkpoint, or a missing, unexpected or
+            mis-shaped weight (named in the message).
+
     llm_layers=False: leave out the LLM's decoder layers and output head (only its token embedding and final
     norm are loaded), for a process whose LLM runs on a server (`Engine(model, llm_server=URL)`): the towers,
     mining and projector work as usual, the model cannot generate by itself.
@@ -389,7 +405,18 @@ def _load_tokenizer(folder: Path, family: str | None = None):
 
 # ---- saving ---------------------------------------------------------------------------------------
 def save_pretrained(model: MiniGemini, out_dir, *, max_shard_size: str | int = "5GB", safe_serialization=True):
-    """Write config.json, the weights (official names, sharded with an index) and the tokenizer."""
+    """Write a checkpoint in the official layout: config.json, the weights under their transformers-4 names
+    (sharded with an index past `max_shard_size`) and the tokenizer files.
+
+    Args:
+        model: a `MiniGemini` (its `.processor` supplies the tokenizer).
+        out_dir: folder to write (created if needed).
+        max_shard_size: "5GB" or a number of bytes.
+        safe_serialization: safetensors (True) or pytorch_model*.bin (False).
+
+    Returns:
+        The folder, as a Path.
+    """
     from huggingface_hub import split_torch_state_dict_into_shards
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,16 @@ def windows(hr: torch.Tensor, side: int) -> torch.Tensor:
 
 
 class PatchInfoMining(nn.Module):
+    """Patch info mining (MGM paper, section 3.1; DESIGN.md 1.2): each LR token attends to its own P x P
+    window of the HR feature map and adds what it finds.
+
+    q = Linear(LN(x)), k_j / v_j = Linear(LN(h_j)); a = softmax_j(q . k_j / sqrt(C)); out = x + sum_j a_j v_j.
+
+    Args:
+        dim: C, the LR token width (CLIP's hidden size, 1024).
+        aux_dim: the HR feature width (2880 = the four ConvNeXt stages concatenated).
+    """
+
     def __init__(self, dim: int, aux_dim: int):
         super().__init__()
         # Names and order (0 = LayerNorm, 1 = Linear) follow the checkpoints' vlm_uni_*_projector.

@@ -142,9 +142,18 @@ class MiniGemini(nn.Module):
 
     # ---- language -------------------------------------------------------------------------------
     def embed(self, input_ids, image_tokens=()) -> torch.Tensor:
-        """Token ids with IMAGE_TOKEN_INDEX slots -> (1, L, D) embeddings, visual tokens spliced in.
+        """Token ids with IMAGE_TOKEN_INDEX slots -> embeddings with the visual tokens spliced in.
 
-        `image_tokens` holds one (T, D) tensor per slot, in order.
+        Args:
+            input_ids: sequence of ints (or a tensor), -200 (IMAGE_TOKEN_INDEX) where an image goes.
+            image_tokens: one (T, D) tensor per slot, in order (`image_features` of `encode_images`).
+
+        Returns:
+            (1, L, D) tensor in the LLM's dtype, L = len(input_ids) + sum(T - 1); scaled as the LLM's own
+            embedding layer scales (Gemma's sqrt(hidden) included, for text and visual tokens alike).
+
+        Raises:
+            ValueError: the number of slots and of image tensors differ.
         """
         embed = self.llm.get_input_embeddings()
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=embed.weight.device).flatten()
