@@ -4,16 +4,19 @@
     model = load_pretrained("YanweiLi/MGM-2B")         # hub id or local folder
     session = Engine(model).session()
     for event in session.chat("What is written here?", ["photo.jpg"]): ...
+
+Names are imported on first use: `import mini_gemini` (and the app's page) does not wait for torch.
 """
-from .modeling.config import MGMConfig
-from .modeling.loading import ModelLoadError, load_pretrained, save_pretrained
-from .modeling.model import MiniGemini
+from importlib import import_module
 
-__all__ = ["MGMConfig", "MiniGemini", "ModelLoadError", "load_pretrained", "save_pretrained", "Engine"]
+_LAZY = {"MGMConfig": ".modeling.config", "MiniGemini": ".modeling.model", "load_pretrained": ".modeling.loading",
+         "save_pretrained": ".modeling.loading", "ModelLoadError": ".errors", "MGMError": ".errors",
+         "Engine": ".chat.engine", "GenOptions": ".chat.types"}
+
+__all__ = list(_LAZY)
 
 
-def __getattr__(name):  # the engine pulls in image decoding; import it on first use
-    if name == "Engine":
-        from .chat.engine import Engine
-        return Engine
-    raise AttributeError(name)
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'mini_gemini' has no attribute {name!r}")

@@ -298,7 +298,7 @@ SERVING_PROMPTS = ("What is in the picture?", "Describe a red square.", "Hello t
                    "Why is the circle blue?")
 
 
-def serving_figures(engine, prompts=SERVING_PROMPTS, users=(1, 4, 8), new_tokens: int = 96, repeat: int = 3) -> dict:
+def serving_figures(engine, prompts=SERVING_PROMPTS, users=(1, 4, 8), new_tokens: int = 96, repeat: int = 5) -> dict:
     """First-token latency and total time when `k` users send at once, through `engine` (greedy, each user a
     different prompt, one thread each, fresh conversations), relative to one user alone.
 

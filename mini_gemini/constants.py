@@ -5,3 +5,4 @@ IMAGE_TOKEN_INDEX = -200         # its id in token sequences before visual token
 IGNORE_INDEX = -100              # label value that the loss ignores
 GEN_TAG = " <GEN>"               # appended to a user turn to ask for an image (official demo)
 IMAGE_PROMPT_OPEN, IMAGE_PROMPT_CLOSE = "<h>", "</h>"  # the LLM writes its SDXL prompt between these
+DEFAULT_SDXL = "stabilityai/stable-diffusion-xl-base-1.0"  # the official demo's image generator

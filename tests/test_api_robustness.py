@@ -64,6 +64,7 @@ def srv(tiny_checkpoint):
     port, sigterm = _free_port(), signal.getsignal(signal.SIGTERM)
     mp = pytest.MonkeyPatch()
     mp.setattr(gr.Blocks, "launch", launch)
+    mp.setattr(gr.Blocks, "block_thread", lambda self: None)  # main returns; the server thread serves
     try:
         app.main(["--model", str(tiny_checkpoint("vicuna")), "--sdxl", "none", "--device", "cpu",
                   "--host", "127.0.0.1", "--port", str(port), "--max-new-tokens", str(MAX_NEW)])

@@ -10,7 +10,10 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: the records import without torch
+    import torch
 
 MAX_USER_CHARS = 16_000       # longer messages are cut (with a notice) before anything else
 # Sampling divides the (float32) logits by the temperature: below about 1e-37 that overflows to inf and the

@@ -23,10 +23,9 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..constants import IMAGE_PROMPT_CLOSE, IMAGE_PROMPT_OPEN
+from ..constants import DEFAULT_SDXL, IMAGE_PROMPT_CLOSE, IMAGE_PROMPT_OPEN
 from ..errors import ImageGenError
 
-DEFAULT_SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 log = logging.getLogger(__name__)
 
 # Things we do not want in the picture; SDXL steers away from them (classifier-free guidance). Kept short

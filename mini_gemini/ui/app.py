@@ -20,11 +20,11 @@ import os
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home unless asked for
 import gradio as gr
 
-from ..chat import Engine
 from ..inputs.images import MAX_FILE_BYTES
 from ..resources import examples_dir
 from ..viz import heatmap as hm
@@ -35,6 +35,9 @@ from .mining_panel import MAPS, MINED, click_ui, panel_after_turn, panel_ui
 from .server import Loader, end_session
 from .settings import CMAPS, CSS, RED_SQUARE, parse_args
 from .turns import buttons_ui, chat_ui, clear_ui, regenerate_ui, stop_ui, undo_ui
+
+if TYPE_CHECKING:
+    from ..chat import Engine
 
 
 def model_info(engine: Engine | None) -> str:
@@ -238,7 +241,7 @@ def main(argv=None):
     _log_to_console()
     server.ARGS = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a clean exit: the temp folder is removed
-    server.LOADER = Loader(server.ARGS).start()
+    server.LOADER = Loader(server.ARGS)  # started once the page is up
     demo = build_demo()
     demo.queue(default_concurrency_limit=8, max_size=64)
     gr.set_static_paths([str(examples_dir())])
@@ -248,7 +251,10 @@ def main(argv=None):
     if server.ARGS.mcp:
         mcp.serve(demo, **launch)
     else:
-        demo.launch(mcp_server=False, **launch)
+        demo.launch(mcp_server=False, prevent_thread_lock=True, **launch)
+    # The page is up: now import torch and load the model (in the background), the page shows progress.
+    server.LOADER.start()
+    demo.block_thread()
 
 
 if __name__ == "__main__":

@@ -187,7 +187,8 @@ def add_tool() -> None:
 
 
 def serve(demo: gr.Blocks, **launch_kwargs) -> None:
-    """Launch with the MCP server on, offering `chat_about_image` only; blocks like `launch`."""
+    """Launch with the MCP server on, offering `chat_about_image` only; returns once the server is up
+    (the caller blocks with `demo.block_thread()`)."""
     try:
         import mcp  # noqa: F401
     except ImportError:
@@ -195,7 +196,6 @@ def serve(demo: gr.Blocks, **launch_kwargs) -> None:
     demo.launch(mcp_server=True, prevent_thread_lock=True, **launch_kwargs)
     only_our_tool(demo)
     log.info("MCP tool %s at %s%s", TOOL_NAME, str(demo.local_url or "").rstrip("/"), MCP_PATH)
-    demo.block_thread()
 
 
 def only_our_tool(demo: gr.Blocks) -> None:

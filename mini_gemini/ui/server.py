@@ -14,16 +14,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
-from ..chat import Engine
 from ..errors import ModelLoadError
-from ..imagegen import ImageGenerator
-from ..modeling.loading import load_pretrained, resolve
 from ..resources import demo_model_path, resolve_model_name
 from .markup import code, literal
 from .settings import DEFAULT_MODEL, RED_SQUARE, parse_args
+
+if TYPE_CHECKING:
+    from ..chat import Engine
 
 log = logging.getLogger(__name__)
 MAX_FAILED = 20  # failed messages a conversation keeps on show (they hold the user's text)
@@ -64,6 +65,8 @@ class Loader:
                                f"weights, start with `python app.py --model /path/to/checkpoint`, or with a hub id "
                                f"such as {code(hub_id)} once it is in the Hugging Face cache (`hf download "
                                f"{hub_id}` on a machine with internet access fills it).")
+            from ..chat import Engine  # torch and friends load here, in the background, not before the page
+            from ..imagegen import ImageGenerator
             sdxl = None if str(a.sdxl).lower() in ("", "none", "off") else \
                 ImageGenerator(a.sdxl, device=a.device)  # loads on first use
             # the LLM server serves the checkpoint asked for, not the fallback model
@@ -77,6 +80,7 @@ class Loader:
             self.done.set()
 
     def _load(self, name: str, quant: bool = False, remote: bool = False):
+        from ..modeling.loading import load_pretrained, resolve
         a = self.args
         self.demo = Path(name).resolve() == demo_model_path().resolve()  # the bundled one-task model
         self._set(f"Finding {name} (local folder, Hugging Face cache or download)…", 0.05)
