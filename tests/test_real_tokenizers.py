@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from mini_gemini.chat.templates import Turn, build_prompt, tokenize
 from mini_gemini.modeling.loading import _load_tokenizer
+from mini_gemini.testing.tokenizer_folders import assemble as assemble_folder
 
 DATA = Path(__file__).parent / "data"
 STORE = DATA / "tokenizers"
@@ -26,36 +26,9 @@ GOLDEN = json.loads((DATA / "golden_token_ids.json").read_text(encoding="utf-8")
 FAMILY = {"llama2": "llama", "chatml": "llama", "llama3": "llama", "mixtral": "mixtral"}
 
 
-def _sp_proto_module():
-    from sentencepiece import sentencepiece_model_pb2
-    return sentencepiece_model_pb2
-
-
 def assemble(variant: dict, dest: Path) -> Path:
-    """The variant's tokenizer folder, laid out as tools/make_golden_ids.py's assemble() does."""
-    for name, src in variant["files"].items():
-        shutil.copyfile(STORE / src, dest / name)
-    for name, content in variant["write"].items():
-        content = dict(content)
-        base = content.pop("__from__", None)
-        if base is not None:
-            content = {**json.loads((STORE / base).read_text(encoding="utf-8")), **content}
-        (dest / name).write_text(json.dumps(content, indent=2, ensure_ascii=False), encoding="utf-8")
-    if variant.get("sp_normalizer_patch"):
-        proto = _sp_proto_module().ModelProto()
-        proto.ParseFromString((dest / "tokenizer.model").read_bytes())
-        for key, value in variant["sp_normalizer_patch"].items():
-            setattr(proto.normalizer_spec, key, value)
-        (dest / "tokenizer.model").write_bytes(proto.SerializeToString())
-    patch = variant.get("tokenizer_json_patch")
-    if patch:
-        path = dest / "tokenizer.json"
-        tj = json.loads(path.read_text(encoding="utf-8"))
-        tj["added_tokens"] = tj.get("added_tokens", []) + patch.get("add_tokens", [])
-        if "post_processor" in patch:
-            tj["post_processor"] = patch["post_processor"]
-        path.write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
-    return dest
+    """The variant's tokenizer folder, laid out as tools/make_golden_ids.py lays it out."""
+    return assemble_folder(variant, dest, STORE)
 
 
 _TOKENIZERS: dict[str, object] = {}

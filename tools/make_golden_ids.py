@@ -174,40 +174,13 @@ OFFICIAL_USE_FAST = {"llama2": False, "chatml": False, "llama3": False, "mixtral
 NATIVE_TEMPLATE = {"llama2": "vicuna_v1", "chatml": "chatml_direct", "llama3": "llama_3", "mixtral": "mistral_instruct"}
 
 
-def _sp_proto_module():
-    try:  # sentencepiece >= 0.2 ships a module that works with current protobuf
-        from sentencepiece import sentencepiece_model_pb2
-        return sentencepiece_model_pb2
-    except Exception:  # sentencepiece 0.1.99 + new protobuf: use the copy transformers carries
-        from transformers.convert_slow_tokenizer import import_protobuf
-        return import_protobuf()
+sys.path.insert(0, str(ROOT))  # the folder layout is shared with the tests (no torch needed)
+from mini_gemini.testing.tokenizer_folders import assemble as _assemble  # noqa: E402
 
 
 def assemble(variant: dict, dest: Path, store: Path = STORE) -> Path:
     """Lay out one variant's tokenizer folder in `dest` (which must exist)."""
-    for name, src in variant["files"].items():
-        shutil.copyfile(store / src, dest / name)
-    for name, content in variant["write"].items():
-        content = dict(content)
-        base = content.pop("__from__", None)
-        if base is not None:
-            content = {**json.loads((store / base).read_text(encoding="utf-8")), **content}
-        (dest / name).write_text(json.dumps(content, indent=2, ensure_ascii=False), encoding="utf-8")
-    if variant.get("sp_normalizer_patch"):
-        proto = _sp_proto_module().ModelProto()
-        proto.ParseFromString((dest / "tokenizer.model").read_bytes())
-        for key, value in variant["sp_normalizer_patch"].items():
-            setattr(proto.normalizer_spec, key, value)
-        (dest / "tokenizer.model").write_bytes(proto.SerializeToString())
-    patch = variant.get("tokenizer_json_patch")
-    if patch:
-        path = dest / "tokenizer.json"
-        tj = json.loads(path.read_text(encoding="utf-8"))
-        tj["added_tokens"] = tj.get("added_tokens", []) + patch.get("add_tokens", [])
-        if "post_processor" in patch:
-            tj["post_processor"] = patch["post_processor"]
-        path.write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
-    return dest
+    return _assemble(variant, dest, store)
 
 
 # ----------------------------------------------------------------------------------------------------
