@@ -17,7 +17,7 @@
   tokens, each user a different short prompt, one thread each): serving_ttft_p50_x{k} / _p95_x{k} = the
   median / 95th-percentile first-token time of k users sending at once ÷ one user's alone (goal for k=8:
   p95 <= 3); serving_all_answers_x{k} = time until all k answers are complete ÷ the same k prompts served one
-  after another (goal for k=8: <= 0.6). serving_serial_*: the same for the engine writing one whole answer
+  after another (goal for k=8: <= 0.6). serving_before_*: the same for the engine writing one whole answer
   at a time (Engine(max_active=0), as before the scheduler).
 The speed model is built on the fly, large enough for CPU timings to mean something.
 """
@@ -298,14 +298,15 @@ SERVING_PROMPTS = ("What is in the picture?", "Describe a red square.", "Hello t
                    "Why is the circle blue?")
 
 
-def serving_figures(engine, prompts=SERVING_PROMPTS, users=(1, 4, 8), new_tokens: int = 96, repeat: int = 5) -> dict:
+def serving_figures(engine, prompts=SERVING_PROMPTS, users=(1, 4, 8), new_tokens: int = 96, repeat: int = 7) -> dict:
     """First-token latency and total time when `k` users send at once, through `engine` (greedy, each user a
     different prompt, one thread each, fresh conversations), relative to one user alone.
 
-    ttft_p50/p95_x{k}: the median / 95th percentile of the k first-token times (time to the first text
-    delta) over one user's first-token time (median of the prompts sent alone). all_answers_x{k}: the time
-    until all k answers are complete over the time the same k prompts take one after another. Each figure
-    is the median of `repeat` runs (the machine may be shared)."""
+    ttft_p50/p95_x{k}: the median / 95th percentile of the k first-token times (from the common start to the
+    first text delta) over one user's first-token time (the median over the same k prompts, each sent alone the same
+    way: one thread started at the same signal). all_answers_x{k}: the time until all k answers are complete
+    over the time the same k prompts take one after another. Each figure is the median of `repeat` runs
+    (the machine may be shared)."""
     import numpy as np
 
     from .chat.engine import GenOptions
@@ -338,17 +339,25 @@ def serving_figures(engine, prompts=SERVING_PROMPTS, users=(1, 4, 8), new_tokens
         return out, time.perf_counter() - t0
 
     def alone(i):
-        out = [None]
-        one(prompts[i], time.perf_counter(), out, 0)
+        out, start = [None], threading.Barrier(2)
+
+        def work():
+            start.wait()
+            one(prompts[i], t0, out, 0)
+        thread = threading.Thread(target=work)
+        thread.start()
+        t0 = time.perf_counter()
+        start.wait()
+        thread.join()
         return out[0]
 
     crowd(min(2, max(users)))  # warm-up
     runs: dict = {}
     for _ in range(repeat):
         solo = [alone(i) for i in range(max(users))]
-        base = float(np.median([f for f, _, _ in solo]))
-        runs.setdefault("ttft_1_user_s", []).append(base)
+        runs.setdefault("ttft_1_user_s", []).append(float(np.median([f for f, _, _ in solo])))
         for k in users:
+            base = float(np.median([f for f, _, _ in solo[:k]]))
             out, total = crowd(k)
             firsts = [f for f, _, _ in out]
             runs.setdefault(f"ttft_p50_x{k}", []).append(float(np.percentile(firsts, 50)) / base)
@@ -359,20 +368,31 @@ def serving_figures(engine, prompts=SERVING_PROMPTS, users=(1, 4, 8), new_tokens
     return {k: round(float(np.median(v)), 3) for k, v in runs.items()}
 
 
-def bench_serving(new_tokens: int = 96, baseline: bool = True) -> dict:
+def bench_serving(new_tokens: int = 96, baseline: bool = True, threads: int | None = 1) -> dict:
     """`serving_figures` for the built-in engine (its scheduler: every answer advances one token per round,
     batched) on the bundled tiny Llama demo checkpoint; with `baseline`, also for the engine serving one
-    whole answer at a time (`max_active=0`, as before the scheduler)."""
+    whole answer at a time (`max_active=0`, as before the scheduler).
+
+    threads: torch's intra-op threads while measuring (None: as they are). On a 2-core machine shared with
+    other jobs, a 2-thread OpenMP team stalls for a scheduler time slice (tens to hundreds of ms) whenever
+    its second thread is not running - for both engines, at random - so the figures are taken with one."""
     from .chat.engine import Engine
     from .modeling.loading import load_pretrained
     from .resources import demo_model_path
     torch.manual_seed(0)
-    model = load_pretrained(str(demo_model_path()), device="cpu")
-    results = {f"serving_{k}": v for k, v in serving_figures(Engine(model), new_tokens=new_tokens).items()}
-    if baseline:
-        results.update({f"serving_serial_{k}": v for k, v in
-                        serving_figures(Engine(model, max_active=0), users=(1, 8), new_tokens=new_tokens,
-                                        repeat=1).items()})
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        model = load_pretrained(str(demo_model_path()), device="cpu")
+        results = {f"serving_{k}": v for k, v in serving_figures(Engine(model), new_tokens=new_tokens).items()}
+        if baseline:
+            results.update({f"serving_before_{k}": v for k, v in
+                            serving_figures(Engine(model, max_active=0), users=(1, 8), new_tokens=new_tokens,
+                                            repeat=3).items()})
+        results["serving_threads"] = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
     return results
 
 

@@ -97,6 +97,11 @@ def test_reads_small_digits_on_held_out_scenes(heldout):
 # ---- one conversation, many pictures: the engine keeps earlier images and answers in the prompt -------------
 EXAMPLES = DEMO.parent / "examples"
 GREEDY = dict(temperature=0, max_new_tokens=4)
+# The shipped checkpoint was trained on one image and one question per conversation; the fine-tunes on
+# multi-turn conversations tried so far (assets/demo-model/README.md, "Conversations") did not reach the
+# targets and were not shipped. strict: once a shipped model passes, the marker must go.
+NOT_YET = pytest.mark.xfail(strict=True, reason="issue 10: the demo model is not trained on multi-turn, "
+                                                "multi-image conversations yet (see its model card)")
 
 
 def _turn(session, question, images=()):
@@ -107,6 +112,7 @@ def _turn(session, question, images=()):
     return done[0].data.assistant.strip().rstrip(".")
 
 
+@NOT_YET
 def test_the_three_examples_in_one_conversation(demo):
     from mini_gemini.chat.engine import Engine
     session = Engine(demo).session()
@@ -149,6 +155,7 @@ def _conversation(rng: random.Random):
     return turns
 
 
+@NOT_YET
 def test_multi_image_conversations_drawn_by_other_code(demo):
     from mini_gemini.chat.engine import Engine
     engine = Engine(demo)

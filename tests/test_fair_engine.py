@@ -10,9 +10,9 @@ import time
 
 import pytest
 import torch
+from helpers import kinds
 from PIL import Image
 
-from helpers import kinds
 from mini_gemini.chat import scheduler as sched_mod
 from mini_gemini.chat.engine import Engine, GenOptions
 from mini_gemini.modeling.loading import load_pretrained

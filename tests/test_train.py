@@ -78,3 +78,44 @@ def test_hr_pretraining_crops_are_token_windows_around_the_digit():
     acc = pretrain_hr(model, 2, batch_size=4, n_scenes=12, log=lambda *a, **k: None)
     assert 0.0 <= acc <= 1.0
     assert not torch.equal(before, model.vision_tower_aux.vision_stem[0].weight)
+
+
+def test_conversations_name_their_pictures_as_the_engine_does():
+    from mini_gemini.chat.templates import build_prompt
+    from mini_gemini.training.conversations import CHATTER_ANSWER, chat_sample
+    model = build_tiny("vicuna")
+    a, b = chat_sample(3, 5), chat_sample(3, 5)
+    assert [t.user for t in a["turns"]] == [t.user for t in b["turns"]]
+    multi = 0
+    for i in range(40):
+        c = chat_sample(7, i)
+        assert sum(t.n_images for t in c["turns"]) == len(c["images"]) == len(c["scenes"]) <= 4
+        text = build_prompt(model.processor.template, c["turns"]).text
+        if len(c["images"]) >= 2:
+            multi += 1
+            assert all(f"Image {k}:<image>" in text for k in range(1, len(c["images"]) + 1))
+        for turn, (k, kind) in zip(c["turns"], c["asked"]):
+            if kind == "chatter":
+                assert turn.assistant == CHATTER_ANSWER and turn.n_images == 0
+                continue
+            sc = c["scenes"][k - 1]
+            if kind == "digit":
+                assert turn.assistant == str(sc.digit) and sc.square_of_digit().colour in turn.user
+        ids, labels = encode_conversation(model, c["turns"])
+        learnt = model.processor.tokenizer.decode([i for i, y in zip(ids, labels) if y != IGNORE_INDEX])
+        assert learnt.replace(" ", "") == "".join(t.assistant.replace(" ", "") + "</s>" for t in c["turns"])
+    assert multi >= 15
+
+
+def test_cached_visual_tokens_train_the_projector_and_llm_only(tmp_path, tiny_checkpoint):
+    from mini_gemini import load_pretrained
+    torch.set_num_threads(1)
+    init = tiny_checkpoint("vicuna")
+    out = tmp_path / "chat"
+    main(["--init", str(init), "--stage", "2", "--steps", "3", "--batch-size", "4", "--lr", "3e-3",
+          "--chat-fraction", "0.7", "--scene-pool", "6", "--cache-visual", "--train-projector", "--out", str(out)])
+    before, after = load_pretrained(str(init), device="cpu"), load_pretrained(str(out), device="cpu")
+    assert torch.equal(before.vision_tower_aux.vision_stem[0].weight, after.vision_tower_aux.vision_stem[0].weight)
+    assert all(torch.equal(p, q) for p, q in zip(before.mining.parameters(), after.mining.parameters()))
+    assert not torch.equal(before.mm_projector[0].weight, after.mm_projector[0].weight)
+    assert not torch.equal(before.llm.lm_head.weight, after.llm.lm_head.weight)

@@ -10,11 +10,16 @@ knows about Gradio. A turn streams `Event`s (notice, delta, progress, image, err
 
 Speed: every image is encoded once per session (tokens and mining maps kept with it), and the LLM's
 KV cache is kept between turns: a follow-up re-uses the longest common prefix of its prompt with what
-the cache holds, so it only prefills its new tokens. The decode loop is the LLM's own `generate`; the
-streamer only queues token ids, text is decoded by the consumer. Results never depend on the caches.
+the cache holds, so it only prefills its new tokens. Results never depend on the caches.
+
+Many conversations at once: the engine's scheduler (chat/scheduler.py) owns the LLM; every answer being
+written advances one token per round, all of them in one batched forward, newcomers' prompts prefilled in
+the next round; at most `max_active` answers at once (each with its KV cache), more wait in a queue and are
+told their place. Text is decoded by each consumer, not by the scheduler.
 
 Locks (always taken in this order, never the other way round): a session's turn lock (one turn at a
-time per conversation) -> the engine's compute lock (one model run at a time) -> the engine's state lock
+time per conversation) -> the engine's compute lock (one model run: an image encoding, one scheduler round,
+or a whole `generate` on the fallback path) -> the scheduler's queue lock -> the engine's state lock
 (session and cache bookkeeping, held for microseconds). The tokenizer has its own lock: transformers'
 fast tokenizers switch backend state per call, which is not safe across threads.
 """

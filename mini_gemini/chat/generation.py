@@ -1,8 +1,9 @@
-"""One LLM run: `generate` in a worker thread, token ids streamed, text decoded incrementally, KV reuse.
+"""One LLM run: served by the engine's scheduler (chat/scheduler.py; or, as a fallback, `generate` in a
+worker thread), token ids streamed, text decoded incrementally by the consumer, KV reuse.
 
-The decode loop is the LLM's own `generate`; the streamer only queues token ids, text is decoded by the
-consumer. A session's KV cache is reused by the longest common prefix of the new prompt with what the
-cache holds (`items`), so a follow-up only prefills its new tokens; results never depend on the cache.
+The scheduler (or `generate`'s streamer) only queues token ids; text is decoded by the consumer. A
+session's KV cache is reused by the longest common prefix of the new prompt with what the cache holds
+(`items`), so a follow-up only prefills its new tokens; results never depend on the cache.
 """
 from __future__ import annotations
 
@@ -211,16 +212,7 @@ class LLMRun:
         eng, s = self.engine, self.session
         model, o = eng.model, self.options
         embeds = model.embed(self.prompt_ids, [im.tokens for im in self.images])
-        cache, covered = s.kv if s.kv is not None else (None, [])
-        s.kv = None  # the cache is about to change: if this run fails, nobody may reuse it
-        reuse = common_prefix(covered, self.items, embeds.shape[1] - 1) if cache is not None else 0
-        if reuse and cache.get_seq_length() > reuse:
-            try:
-                cache.crop(reuse - cache.get_seq_length())
-            except Exception:  # noqa: BLE001 - e.g. a sliding window that cannot roll back: start afresh
-                reuse = 0
-            if cache.get_seq_length() != reuse:
-                reuse = 0
+        cache, reuse = take_cache(s, self.items, embeds.shape[1] - 1)
         if not reuse:
             cache = DynamicCache(config=model.config.llm)
         self.cached = reuse
@@ -295,6 +287,25 @@ def items(ids, images):
         else:
             out.append(("t", i))
     return out
+
+
+def take_cache(session, items: list, limit: int):
+    """The session's KV cache cropped to the longest common prefix (at most `limit` units) of what it holds
+    with `items`, and that length; (None, 0) when nothing can be reused. The session's cache is taken: if
+    the run fails, nobody may reuse a cache it was changing."""
+    cache, covered = session.kv if session.kv is not None else (None, [])
+    session.kv = None
+    if cache is None:
+        return None, 0
+    reuse = common_prefix(covered, items, limit)
+    if reuse and cache.get_seq_length() > reuse:
+        try:
+            cache.crop(reuse - cache.get_seq_length())
+        except Exception:  # noqa: BLE001 - e.g. a sliding window that cannot roll back: start afresh
+            return None, 0
+    if not reuse or cache.get_seq_length() != reuse:
+        return None, 0
+    return cache, reuse
 
 
 def common_prefix(a, b, limit: int) -> int:

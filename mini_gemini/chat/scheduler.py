@@ -6,7 +6,8 @@ longest common prefix as before). Each round the scheduler
 1. ends the requests whose consumer pressed Stop or left (session cancel, the run's halt event);
 2. admits waiting requests while fewer than `Engine.max_active` are active (the others stay queued, FIFO,
    and were told their place when they arrived); newcomers bring their uncached prompt, bounded per round
-   by `PREFILL_TOKENS` so that one round never stalls the others for long;
+   by `PREFILL_TOKENS` so that one round never stalls the others for long (after idling, the first
+   round waits `ADMIT_WINDOW_S`, 2 ms, so that users arriving at the same moment share one prefill);
 3. runs ONE forward of the LLM over all active requests, packed into one sequence: each newcomer's prompt
    suffix and one token for every request already decoding. Linear layers, norms and the MLP see all the
    tokens at once; attention is computed per request over its own cache (`_ragged_attention`, no padding,
@@ -15,36 +16,52 @@ longest common prefix as before). Each round the scheduler
    (suppress_tokens, temperature, top-k 50, top-p; a seeded `torch.Generator` per request), streams the
    token to its consumer and ends it on a stop id, at max_new_tokens, or when its consumer halts it.
 
+The prompt prefix every conversation starts with (the template's system prompt, learnt as the common prefix
+of two prompts prefilled from scratch) is computed once and shared: a new conversation starts from a copy
+of its keys/values and prefills only the rest (as vLLM's prefix caching does), so newcomers get their
+first token sooner. Like the session's own KV reuse, it changes speed, not answers.
+
 A request that fails (its step, its sampling, its prompt) ends alone with its error: when the packed forward
 raises, every cache is rolled back to where it was and the requests are stepped one by one, so only the
 faulty one fails. Memory stays bounded: at most `max_active` caches grow at once.
 
 Greedy answers do not depend on who else is served: every request attends only to its own keys, and its
 positions and masks are those it would have alone. (The matrix products of a packed step run over more rows
-than a lone one, so logits may differ in the last bits of float precision, as in every batching server;
-the tokens are the same - the tests compare them token for token.)
+than a lone one, so logits may differ in the last bits of float precision, as in every batching server:
+only a greedy choice between two tokens whose logits tie to ~1e-6 could go the other way. The tests compare
+answers token for token, on prompts whose answers never come near such a tie.)
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import (DynamicCache, LogitsProcessorList, SuppressTokensLogitsProcessor, TemperatureLogitsWarper,
-                          TopKLogitsWarper, TopPLogitsWarper)
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import AttentionInterface
 
-from .generation import common_prefix
+from .generation import common_prefix, take_cache
 
 if TYPE_CHECKING:
     from .engine import Engine
     from .generation import LLMRun
 
+SHARED_MIN = 16        # shortest prompt prefix worth sharing between conversations
 PREFILL_TOKENS = 2048   # prompt tokens newcomers may bring into one round (the first newcomer always comes in)
+ADMIT_WINDOW_S = 0.002  # after idling, how long the first newcomer waits for others arriving at the same time
 IDLE_EXIT_S = 2.0       # the scheduler thread ends after this long without work (a new request restarts it)
 TOP_K = 50              # generate's default top-k when sampling (the legacy path got it from there)
 
@@ -108,6 +125,7 @@ class _Request:
         self.pos = 0                     # tokens the cache holds (absolute position of the next input)
         self.prompt: torch.Tensor | None = None   # (n, D) uncached prompt embeddings, until prefilled
         self.new: list[int] = []
+        self.share = False
         self.processors = None
         self.generator = None
         o = run.options
@@ -116,23 +134,21 @@ class _Request:
     def stopped(self) -> bool:
         return self.run.halt.is_set() or self.session._cancel.is_set()
 
-    def prepare(self, model):
-        """Embed the prompt and take the session's cache, cropped to the longest common prefix (as before)."""
+    def prepare(self, model, shared=None):
+        """Embed the prompt and take the session's cache, cropped to the longest common prefix (as before);
+        without one, start from the prefix all conversations share (`shared`: items, per-layer keys/values)."""
         run, s = self.run, self.session
         embeds = model.embed(run.prompt_ids, [im.tokens for im in run.images])[0]
-        cache, covered = s.kv if s.kv is not None else (None, [])
-        s.kv = None  # the cache is about to change: if this run fails, nobody may reuse it
-        reuse = common_prefix(covered, run.items, embeds.shape[0] - 1) if cache is not None else 0
-        if reuse and cache.get_seq_length() > reuse:
-            try:
-                cache.crop(reuse - cache.get_seq_length())
-            except Exception:  # noqa: BLE001 - e.g. a sliding window that cannot roll back: start afresh
-                reuse = 0
-            if cache.get_seq_length() != reuse:
-                reuse = 0
+        cache, reuse = take_cache(s, run.items, embeds.shape[0] - 1)
         if not reuse:
             cache = DynamicCache(config=model.config.llm)
+            n = common_prefix(shared[0], run.items, embeds.shape[0] - 1) if shared is not None else 0
+            if n >= SHARED_MIN:  # e.g. the template's system prompt, computed once for everybody
+                for layer, (k, v) in enumerate(shared[1]):
+                    cache.update(k[:, :, :n], v[:, :, :n], layer)
+                reuse = n
         self.cache, self.pos, self.prompt = cache, reuse, embeds[reuse:]
+        self.share = reuse == 0          # prefilled from scratch: may teach the scheduler the shared prefix
         run.cached = reuse
         o = run.options
         procs = LogitsProcessorList()
@@ -165,6 +181,22 @@ class _Request:
 _NO_IDS = torch.zeros(1, 0, dtype=torch.long)
 
 
+_SCHEDULERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all():
+    """At interpreter exit: let every scheduler thread end (a thread left inside torch while the process
+    tears down its thread pools aborts the process)."""
+    for s in list(_SCHEDULERS):
+        s._closing = True
+        with s._cv:
+            s._cv.notify_all()
+        thread = s._thread
+        if thread is not None:
+            thread.join(5)
+
+
 class Scheduler:
     """Continuous batching over one engine's model (see the module docstring)."""
 
@@ -174,6 +206,11 @@ class Scheduler:
         self.active: list[_Request] = []
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._closing = False
+        _SCHEDULERS.add(self)
+        # the prompt prefix every conversation starts with (the template's system prompt): (items, [(k, v)])
+        self.shared = None
+        self._last_fresh: list = []      # items of the last prompt prefilled from scratch
         self.rounds = 0                  # statistics: scheduler rounds run, most requests stepped at once
         self.peak_batch = 0
 
@@ -186,7 +223,8 @@ class Scheduler:
             ahead = len(self.waiting) - free + 1 if len(self.waiting) >= free else 0
             self.waiting.append(req)
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, daemon=True, name="mgm-scheduler")
+                self._thread = threading.Thread(target=Scheduler._loop, args=(weakref.ref(self),), daemon=True,
+                                                name="mgm-scheduler")
                 self._thread.start()
             self._cv.notify()
         return max(0, ahead)
@@ -197,25 +235,54 @@ class Scheduler:
             return len(self.active), len(self.waiting)
 
     # ---- the scheduler thread ---------------------------------------------------------------------
-    def _loop(self):
-        eng = self.engine
+    @staticmethod
+    def _loop(ref: weakref.ref):
+        """The scheduler thread. While idle it holds only a weak reference: an engine nobody uses any more
+        is freed (with its sessions and caches) even while the thread waits for work."""
+        fresh = True  # a busy period starts
         while True:
+            self = ref()
+            if self is None:
+                return
             with self._cv:
-                if not self.active and not self.waiting:
-                    self._cv.wait(IDLE_EXIT_S)
-                    if not self.active and not self.waiting:
-                        self._thread = None
+                if not self.active and not self.waiting and not self._closing:
+                    cv, fresh = self._cv, True
+                    del self
+                    cv.wait(IDLE_EXIT_S)
+                    self = ref()
+                    if self is None:
                         return
-            try:
-                with eng._compute, torch.no_grad():
-                    self._round()
-            except BaseException as e:  # noqa: BLE001 - never leave a consumer waiting forever
-                for r in list(self.active):
-                    self._finish(r, e)
-            if eng._encoders:  # let a waiting image encoding take the model between two rounds
-                deadline = time.monotonic() + 0.05
-                while eng._encoders and not eng._compute.locked() and time.monotonic() < deadline:
-                    time.sleep(0.0005)
+                if fresh and self.waiting and ADMIT_WINDOW_S and not self._closing:
+                    # a busy period starts: let those arriving together share the first prefill
+                    self._cv.wait(ADMIT_WINDOW_S)
+                fresh = False
+                dropped = None
+                if self._closing:  # the process is ending: nobody will read the answers
+                    dropped, self.waiting = list(self.waiting) + list(self.active), collections.deque()
+                    self._thread = None
+                elif not self.active and not self.waiting:
+                    self._thread = None
+                    return
+            if dropped is not None:
+                for r in dropped:
+                    self._finish(r, RuntimeError("the server is shutting down"))
+                return
+            self._serve()
+            del self
+
+    def _serve(self):
+        """One round under the model lock; then give a waiting image encoding its turn."""
+        eng = self.engine
+        try:
+            with eng._compute, torch.inference_mode():
+                self._round()
+        except BaseException as e:  # noqa: BLE001 - never leave a consumer waiting forever
+            for r in list(self.active):
+                self._finish(r, e)
+        if eng._encoders:  # let a waiting image encoding take the model between two rounds
+            deadline = time.monotonic() + 0.05
+            while eng._encoders and not eng._compute.locked() and time.monotonic() < deadline:
+                time.sleep(0.0005)
 
     def _round(self):
         for r in [r for r in self.active if r.stopped()]:
@@ -238,7 +305,7 @@ class Scheduler:
         model = self.engine.model
         for r in newcomers:
             try:
-                r.prepare(model)
+                r.prepare(model, self.shared)
             except Exception as e:  # noqa: BLE001 - this request only
                 self._finish(r, e)
                 continue
@@ -267,6 +334,9 @@ class Scheduler:
                 if r in self.active:
                     self._step([r])
             return
+        for r in batch:
+            if r.share:
+                self._learn_prefix(r)
         eng = self.engine
         plain = logits.argmax(-1).tolist()  # greedy answers without logits processing: one argmax for all
         for r, row, best in zip(batch, logits, plain):
@@ -280,11 +350,26 @@ class Scheduler:
             if tok in eng.stop_ids or len(r.new) >= r.run.max_new or r.stopped():
                 self._finish(r)
 
+    def _learn_prefix(self, r: _Request):
+        """After a prompt was prefilled from scratch: the prefix it shares with the previous such prompt (at
+        least SHARED_MIN text tokens: the system prompt, say) becomes the shared prefix, its keys/values copied."""
+        r.share = False
+        items = r.run.items
+        n = common_prefix(self._last_fresh, items, r.pos)
+        self._last_fresh = items
+        n = next((i for i in range(n) if items[i][0] != "t"), n)  # text only: images are per conversation
+        if n < SHARED_MIN or (self.shared is not None and common_prefix(self.shared[0], items, n) >= n):
+            return
+        layers = r.cache.layers
+        if not all(type(layer) is DynamicLayer and layer.get_seq_length() >= n for layer in layers):
+            return  # e.g. sliding-window layers: not shared
+        self.shared = (items[:n], [(layer.keys[:, :, :n].clone(), layer.values[:, :, :n].clone()) for layer in layers])
+
     def _forward(self, batch: list[_Request]) -> torch.Tensor:
         """One packed forward over `batch`; returns (len(batch), vocab) float32 logits of each last token."""
         llm = self.engine.model.llm
         device = self.engine.model.device
-        spans, positions, parts, ids, off = [], [], [], [], 0
+        spans, positions, parts, off = [], [], [], 0
         for r in batch:
             n = r.prompt.shape[0] if r.prompt is not None else 1
             spans.append((off, n))

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..chat.templates import Turn, build_prompt, tokenize
-from ..constants import IMAGE_TOKEN
+from ..constants import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from ..modeling.model import MiniGemini
 from .models import IGNORE_INDEX
 
@@ -19,7 +19,10 @@ def encode_conversation(model: MiniGemini, turns: list[Turn]) -> tuple[list[int]
     """Token ids (image slots as IMAGE_TOKEN_INDEX) and labels: only the assistant answers are learnt.
 
     Each answer's tokens are those between the prompt that ends with the open assistant header and the
-    prompt that holds the answer, both built as inference builds them.
+    prompt that holds the answer, both built as inference builds them. Such a prefix differs from the
+    whole conversation's prompt only where the whole one numbers its images ("Image 1:" before the first
+    image once the prompt holds two or more, a label the prefix lacks while it holds one): positions
+    after the prefix's first image are shifted by that difference.
     """
     tpl, tok = model.processor.template, model.processor.tokenizer
     ids = tokenize(build_prompt(tpl, turns), tok)
@@ -30,10 +33,15 @@ def encode_conversation(model: MiniGemini, turns: list[Turn]) -> tuple[list[int]
         open_ids = tokenize(build_prompt(tpl, turns[:k] + [Turn(turn.user, turn.n_images, None)]), tok)
         done_ids = tokenize(build_prompt(tpl, turns[:k + 1]), tok) if k + 1 < len(turns) else ids
         start = len(open_ids)
-        while start > 0 and open_ids[start - 1] != ids[start - 1]:  # a merge across the border
+        while start > 0 and open_ids[start - 1] != done_ids[start - 1]:  # a merge across the border
             start -= 1
+        first = done_ids.index(IMAGE_TOKEN_INDEX) if IMAGE_TOKEN_INDEX in done_ids else len(done_ids)
+        shift = ids.index(IMAGE_TOKEN_INDEX) - first if first < len(done_ids) else 0
         for i in range(start, len(done_ids)):
-            labels[i] = ids[i]
+            j = i + shift if i > first else i
+            if ids[j] != done_ids[i]:
+                raise ValueError(f"turn {k}: cannot place the answer's tokens in the conversation's prompt")
+            labels[j] = ids[j]
     return ids, labels
 
 

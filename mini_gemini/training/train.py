@@ -63,12 +63,24 @@ def forward(model: MiniGemini, batch, aux: AuxHeads | None = None, aux_weight: f
     enc = None
     hr_map = {}
     if batch.get("cache") is not None:  # frozen visual side: each picture's tokens computed once
-        cache = batch["cache"]
+        cache, learn_projector = batch["cache"], any(p.requires_grad for p in model.mm_projector.parameters())
         if batch["lr"] is not None:
-            with torch.no_grad():
-                new = model.encode_images(batch["lr"].to(dev), batch["hr"].to(dev)).image_features
+            seen = {}  # with a trainable projector the cache holds its input (the mined tokens)
+            hook = model.mm_projector.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0])) \
+                if learn_projector else None
+            try:
+                with torch.no_grad():
+                    new = model.encode_images(batch["lr"].to(dev), batch["hr"].to(dev)).image_features
+            finally:
+                if hook is not None:
+                    hook.remove()
+            if learn_projector:
+                new = seen["x"].reshape(len(new), -1, seen["x"].shape[-1])
             cache.update(zip(batch["new_keys"], new))
         images = [cache[key] for key in batch["keys"]]
+        if learn_projector:
+            images = list(model.mm_projector(torch.stack(images)) if len({i.shape for i in images}) == 1
+                          else [model.mm_projector(i) for i in images])
     elif batch["lr"] is not None:
         hook = None
         if aux is not None and aux.hr is not None and "hr_digit" in batch and not hr_disabled(model):
@@ -187,7 +199,7 @@ def train(args) -> MiniGemini:
         if args.stage != 2 or args.workers:
             raise SystemExit("--cache-visual needs --stage 2 and --workers 0")
         model.mining.requires_grad_(False)
-        model.mm_projector.requires_grad_(False)
+        model.mm_projector.requires_grad_(args.train_projector)
         params = [p for p in model.parameters() if p.requires_grad]
     aux = AuxHeads(model.config.llm.hidden_size, None if hr_disabled(model) else model.config.mm_hidden_size_aux) \
         if args.stage == 0 and args.aux_weight > 0 else None
@@ -303,6 +315,8 @@ def parse_args(argv=None):
     ap.add_argument("--cache-visual", action="store_true",
                     help="stage 2 with mining and projector frozen: each picture's visual tokens are computed "
                          "once and cached (with --scene-pool, pictures recur); only the LLM learns")
+    ap.add_argument("--train-projector", action="store_true",
+                    help="with --cache-visual: cache the mined tokens instead and train the projector too")
     ap.add_argument("--no-hr", action="store_true", help="LR-only ablation: the HR branch feeds zeros")
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])

@@ -33,7 +33,7 @@ from .api import api_chat
 from .markup import code, literal
 from .mining_panel import MAPS, MINED, click_ui, panel_after_turn, panel_ui
 from .server import Loader, end_session
-from .settings import CMAPS, CSS, RED_SQUARE, parse_args
+from .settings import CMAPS, CSS, RED_SQUARE, TURNS_AT_ONCE, parse_args
 from .turns import buttons_ui, chat_ui, clear_ui, regenerate_ui, stop_ui, undo_ui
 
 if TYPE_CHECKING:
@@ -182,9 +182,9 @@ def build_demo() -> gr.Blocks:
             api_gallery = gr.Gallery(label="heatmaps", format="png")
             api_btn = gr.Button("api")
 
-        # Turns share one queue: two run at once (the engine serialises model runs, so the second one
-        # waits there or draws its image meanwhile); later ones see their place in the queue.
-        model = dict(concurrency_id="model", concurrency_limit=2, api_visibility="private")
+        # Turns share one queue. The engine writes up to 8 answers at once, a token each in turn (the one
+        # after waits with its place shown); past TURNS_AT_ONCE Gradio's queue shows the place instead.
+        model = dict(concurrency_id="model", concurrency_limit=TURNS_AT_ONCE, api_visibility="private")
         private = dict(api_visibility="private")
         panel_in = [image_dd, which, metric, cmap, opacity, selected]
         panel_out = [image_dd, overlay_img, gain_img, caption, zoom_img, zoom_md, dl_png, dl_npz, selected]
@@ -215,7 +215,7 @@ def build_demo() -> gr.Blocks:
         opacity.release(panel_ui, panel_in, panel_out, **private)
         overlay_img.select(click_ui, panel_in[:-1], [overlay_img, zoom_img, zoom_md, selected], **private)
         api_btn.click(api_chat, [api_msg, api_files, api_gen, api_temp], [api_reply, api_image, api_gallery],
-                      api_name="chat", concurrency_id="model", concurrency_limit=2,
+                      api_name="chat", concurrency_id="model", concurrency_limit=TURNS_AT_ONCE,
                       api_description="Chat turn: (message, images, generate_image, temperature) -> "
                                       "(reply, generated image or None, gallery of mining heatmaps). Notes "
                                       "about the turn end the reply, each a paragraph starting 'Note: '.")

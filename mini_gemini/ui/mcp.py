@@ -39,6 +39,7 @@ from ..viz import heatmap as hm
 from . import server
 from .api import api_reply
 from .server import session_of, user_error
+from .settings import TURNS_AT_ONCE
 from .turns import _options, run_turn
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ def add_tool() -> None:
         button = gr.Button("mcp")
     # the browser's queue: the same concurrency group and limit as a chat turn in the page
     button.click(chat_about_image, inputs, output, api_name=TOOL_NAME, concurrency_id="model",
-                 concurrency_limit=2, show_progress="hidden")
+                 concurrency_limit=TURNS_AT_ONCE, show_progress="hidden")
 
 
 def serve(demo: gr.Blocks, **launch_kwargs) -> None:

@@ -6,6 +6,7 @@ import os
 
 from ..imagegen import DEFAULT_SDXL
 
+TURNS_AT_ONCE = 16  # chat turns let through to the engine at once (its own limit is Engine.max_active)
 DEFAULT_MODEL = "YanweiLi/MGM-2B"
 RED_SQUARE = "What digit is in the red square?"
 CMAPS = ["inferno", "viridis", "magma", "jet", "coolwarm", "gray"]
