@@ -396,6 +396,26 @@ def bench_serving(new_tokens: int = 96, baseline: bool = True, threads: int | No
     return results
 
 
+def bench_serving_vllm(url: str, checkpoint: str, new_tokens: int = 96) -> dict:
+    """`serving_figures` with the LLM served by vLLM at `url` (which must serve `checkpoint`'s LLM, as
+    `mgm-export-llm` writes it); the towers, mining and projector run here. Also the built-in engine on the
+    same checkpoint, side by side in this run."""
+    from .chat.engine import Engine
+    from .modeling.loading import load_pretrained
+    local = load_pretrained(checkpoint, device="cpu")
+    remote = load_pretrained(checkpoint, device="cpu", llm_layers=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as bench_serving: a 2-thread team stalls at random on a shared 2-core machine
+    try:
+        results = {f"vllm_{k}": v for k, v in serving_figures(Engine(remote, llm_server=url),
+                                                               new_tokens=new_tokens, repeat=3).items()}
+        results.update({f"vllm_builtin_{k}": v for k, v in serving_figures(Engine(local), new_tokens=new_tokens,
+                                                                            repeat=3).items()})
+    finally:
+        torch.set_num_threads(before)
+    return results
+
+
 def _interleaved(a, b, repeat: int) -> tuple[float, float]:
     """Best times of `a` and `b`, run alternately so that both see the same machine load."""
     a(), b()  # warm-up
@@ -421,7 +441,12 @@ def main(argv=None):
     ap.add_argument("--serving-only", action="store_true", help="only the many-users-at-once figures")
     ap.add_argument("--no-serving", action="store_true", help="skip the many-users-at-once figures")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mgm-bench"))
+    ap.add_argument("--llm-server", metavar="URL", help="also measure serving with the LLM on this vLLM server "
+                    "(it must serve the LLM of --checkpoint, see mgm-export-llm)")
+    ap.add_argument("--checkpoint", help="the MGM checkpoint whose LLM the --llm-server serves")
     args = ap.parse_args(argv)
+    if args.llm_server and not args.checkpoint:
+        ap.error("--llm-server needs --checkpoint (the MGM checkpoint whose LLM it serves)")
     results = {}
     if args.serving_only:
         args.load_only = args.upload_only = False
@@ -433,6 +458,8 @@ def main(argv=None):
         results.update(bench_speed())
     if not (args.no_serving or args.load_only or args.upload_only):
         results.update(bench_serving())
+    if args.llm_server:
+        results.update(bench_serving_vllm(args.llm_server, args.checkpoint))
     if not (args.skip_load or args.upload_only or args.serving_only):
         results.update(bench_load_memory(Path(args.workdir)))
     goals = {"load_memory_ratio": "<= 1.2", "decode_ratio": ">= 0.95", "followup_ttft_ratio": "<= 0.25",
