@@ -1,15 +1,15 @@
 """Mini-Gemini web demo: chat about images, see what patch info mining looked at, get images drawn.
 
     python app.py [--model M] [--sdxl S|none] [--device D] [--dtype T] [--load-in-4bit | --load-in-8bit]
-                  [--port P] [--share] [--mcp]
+                  [--port P] [--share] [--mcp] [--llm-server URL]
 
 Every option also comes from the environment (MGM_MODEL, MGM_SDXL, MGM_DEVICE, MGM_DTYPE, MGM_TEMPLATE,
-MGM_LOAD_IN_4BIT, MGM_LOAD_IN_8BIT, MGM_MAX_NEW_TOKENS, MGM_SHARE, MGM_MCP_SERVER, and Gradio's
+MGM_LOAD_IN_4BIT, MGM_LOAD_IN_8BIT, MGM_MAX_NEW_TOKENS, MGM_SHARE, MGM_MCP_SERVER, MGM_LLM_SERVER, and Gradio's
 GRADIO_SERVER_NAME / GRADIO_SERVER_PORT / GRADIO_MCP_SERVER). The page is up at once; the model loads in
 the background with a progress line.
 If the requested model cannot be had, the app runs on the bundled demo model and says why in a banner.
 
-The app talks to the model only through `mini_gemini.engine`; every browser tab and every API client
+The app talks to the model only through the engine's public API (`mini_gemini.chat`); every browser tab and every API client
 gets its own conversation (keyed by Gradio's session hash). API: the named endpoint `/chat`; with
 `--mcp`, agents get the MCP tool `chat_about_image` (mini_gemini.ui.mcp).
 """
