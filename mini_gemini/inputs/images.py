@@ -222,8 +222,9 @@ def _high_bit_depth_to_l(im: Image.Image) -> Image.Image:
     return Image.fromarray(f.astype(np.uint8))  # 2-D uint8 -> mode "L"
 
 
-def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
-    """Any mode -> a new RGB image (never `im` itself, so the result owns its pixels)."""
+def _to_rgb(im: Image.Image, notes: list[str], owned: bool = False) -> Image.Image:
+    """Any mode -> an RGB image that owns its pixels: a new one, or `im` itself when it is RGB already and
+    `owned` (decoded here, nobody else holds it: a 40 MP upload then costs one full-size copy, not two)."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         return _high_bit_depth_to_l(im).convert("RGB")
     if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
@@ -235,7 +236,10 @@ def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
         out.paste(rgba, mask=alpha)
         notes.append(NOTE_ALPHA)
         return out
-    return im.copy() if im.mode == "RGB" else im.convert("RGB")  # 1, L, P, CMYK, YCbCr, ...
+    if im.mode == "RGB":
+        # owned: a plain Image around the same pixel core (no copy), detached from the decoder's file
+        return im._new(im.im) if owned else im.copy()
+    return im.convert("RGB")  # 1, L, P, CMYK, YCbCr, ...
 
 
 def _orientation(im: Image.Image) -> int:
@@ -250,12 +254,14 @@ def _is_animated(im: Image.Image) -> bool:
     return bool(getattr(im, "is_animated", False)) and im.format != "MPO"
 
 
-def _finish(im: Image.Image, notes: list[str]) -> LoadedImage:
-    """Loaded image of any mode -> detached RGB LoadedImage, orientation applied, metadata dropped."""
+def _finish(im: Image.Image, notes: list[str], owned: bool = False) -> LoadedImage:
+    """Loaded image of any mode -> detached RGB LoadedImage, orientation applied, metadata dropped.
+    `owned`: `im` was decoded here and may become the result itself (see `_to_rgb`)."""
     if _orientation(im) in (2, 3, 4, 5, 6, 7, 8):
         im = ImageOps.exif_transpose(im)
         notes.append(NOTE_EXIF)
-    rgb = _to_rgb(im, notes)
+        owned = True  # a new image already
+    rgb = _to_rgb(im, notes, owned)
     # Drop EXIF & co: the orientation is already applied, and a second exif_transpose downstream
     # (or a second load_image) must not rotate the picture again.
     rgb.info = {}
@@ -273,19 +279,25 @@ def _decode(data: bytes, max_bytes: int, max_pixels: int) -> LoadedImage:
         raise
     except Exception as e:  # Pillow raises many types on hostile headers; all mean "can't read it"
         raise _unsupported(data, max_bytes) from e
-    with im:
-        try:
-            _check_pixels(im, max_pixels)  # before any pixel is decoded: no memory spike
-            im.load()  # the first frame only; raises on truncated data (never padded)
-            return _finish(im, [NOTE_ANIMATED] if _is_animated(im) else [])
-        except ImageError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise _bomb(e, max_pixels) from e
-        except MemoryError:
-            raise
-        except Exception as e:
-            raise _damaged(max_bytes) from e
+    try:
+        _check_pixels(im, max_pixels)  # before any pixel is decoded: no memory spike
+        im.load()  # the first frame only; raises on truncated data (never padded)
+        animated = _is_animated(im)
+        loaded = _finish(im, [NOTE_ANIMATED] if animated else [], owned=not animated)
+    except ImageError:
+        im.close()
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        im.close()
+        raise _bomb(e, max_pixels) from e
+    except MemoryError:
+        im.close()
+        raise
+    except Exception as e:
+        im.close()
+        raise _damaged(max_bytes) from e
+    im.close()  # the file; the pixels live on in the result
+    return loaded
 
 
 # ----------------------------------------------------------------------------- public API
