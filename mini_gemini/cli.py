@@ -28,15 +28,17 @@ from .resources import resolve_model_name  # noqa: F401 - `demo` -> the bundled 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m mini_gemini.cli", description=__doc__,
+    ap = argparse.ArgumentParser(prog=None if Path(sys.argv[0]).stem == "mgm" else "python -m mini_gemini.cli",
+                                 description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="demo", help="hub id (YanweiLi/MGM-2B), local folder, or 'demo'")
     ap.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
     ap.add_argument("--prompt", help="answer this and exit (without it: interactive chat)")
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-p", type=float, default=0.7)
-    ap.add_argument("--max-new-tokens", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sampling temperature; 0 (and anything below 1e-4) = greedy (default 0)")
+    ap.add_argument("--top-p", type=float, default=0.7, help="nucleus sampling mass when sampling (default 0.7)")
+    ap.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit in tokens (default 512)")
+    ap.add_argument("--seed", type=int, default=None, help="seed for sampling and image generation")
     ap.add_argument("--template", help="chat template override (gemma, vicuna_v1, llama_3, mistral_instruct, "
                                        "chatml_direct)")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")

@@ -10,7 +10,6 @@ import torch
 from ..modeling.model import MiniGemini
 from .models import hr_disabled
 
-
 EVAL_SEED = 12345
 
 

@@ -24,10 +24,10 @@ DEMO_LLM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num
 def build_demo_model(seed: int = 0) -> MiniGemini:
     """The demo architecture: LR 64 px (patch 8 -> 8x8 tokens), HR 256 px (ConvNeXt stage 0 64x64, P = 8),
     a 3-layer Llama with the vicuna_v1 template; random weights, float32, trainable."""
+    from ..chat.templates import TEMPLATES
     from ..modeling.config import MGMConfig
     from ..modeling.image_processing import ImageProcessor
     from ..modeling.processing import MGMProcessor
-    from ..chat.templates import TEMPLATES
     from ..testing.tiny import tiny_config
     from ..testing.tiny_tokenizer import build_tokenizer
     tok = build_tokenizer("vicuna")

@@ -18,6 +18,11 @@ A tiny model trained from scratch cannot see anything with random frozen encoder
         --warmup 0.05 --batch-size 16 --digit-fraction 0.8 --seed 2 --out /tmp/demo-s2
     python -m mini_gemini.train --init /tmp/demo-s2 --eval-only --eval 100     # held-out accuracy
     # LR-only ablation (HR map zeroed, same token count): add --no-hr to every command
+    # multi-turn, multi-image conversations (conversations.py) mixed with single questions; the mining
+    # output of each pooled scene is computed once, the projector and LLM learn (model card, "Conversations")
+    python -m mini_gemini.train --init assets/demo-model --data synthetic --stage 2 --steps 650 --lr 1e-3 \
+        --batch-size 8 --digit-fraction 0.4 --chat-fraction 0.6 --scene-pool 2000 --cache-visual \
+        --train-projector --seed 3 --out /tmp/demo-chat
 
     # fine-tune a released checkpoint on your own LLaVA-format data ([{image, conversations}, ...])
     accelerate launch -m mini_gemini.train --init YanweiLi/MGM-2B --data data.json --image-folder imgs/ \\
@@ -46,12 +51,24 @@ import torch.nn.functional as F
 
 from ..constants import IMAGE_TOKEN_INDEX
 from ..modeling.model import MiniGemini
+
 # the pieces live in their own modules; re-exported here for `from mini_gemini.training.train import ...`
-from .data import (ChatMixData, Collate, LlavaData, SyntheticData, encode_conversation, hr_targets,  # noqa: F401
-                   llava_turns)
+from .data import ChatMixData, Collate, LlavaData, SyntheticData, encode_conversation, hr_targets, llava_turns  # noqa: F401
 from .evaluate import EVAL_SEED, evaluate, evaluate_conversations, mining_focus, report  # noqa: F401
-from .models import (DEFAULT_LR, DEMO_CLIP, DEMO_CONVNEXT, DEMO_LLM, HR_OFF_KEY, IGNORE_INDEX,  # noqa: F401
-                     STAGES, build_demo_model, disable_hr, hr_disabled, load_for_training, set_stage)
+from .models import (  # noqa: F401
+    DEFAULT_LR,
+    DEMO_CLIP,
+    DEMO_CONVNEXT,
+    DEMO_LLM,
+    HR_OFF_KEY,
+    IGNORE_INDEX,
+    STAGES,
+    build_demo_model,
+    disable_hr,
+    hr_disabled,
+    load_for_training,
+    set_stage,
+)
 from .towers import AuxHeads, hr_crops, pretrain_hr  # noqa: F401
 
 
