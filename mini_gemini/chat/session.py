@@ -13,16 +13,14 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from ..errors import ImageError, SessionBusyError
 from ..inputs.images import LoadedImage, load_image
-from . import image_turn
+from . import context, image_turn
 from .failures import DoesNotFit, explain, free_memory, is_oom
 from .generation import LLMRun
-from .templates import Turn as PromptTurn
 from .types import ABOUT_MESSAGE, MAX_USER_CHARS, Event, GenOptions, ImageEntry, Note, Turn, clean_text
 
 if TYPE_CHECKING:
     from .engine import Engine
 
-ANSWER_ROOM = 128             # tokens the context must leave for the answer before old turns are dropped
 BUSY_WAIT_S = 10.0            # how long a new turn waits for the previous one of the same conversation
 
 
@@ -336,54 +334,6 @@ class ChatSession:
         turn.notes += notes
         return notes
 
-    # ---- prompt ---------------------------------------------------------------------------------
-    def _prompt(self, turns: list[Turn]):
-        pturns = [PromptTurn(t.user, len(t.images), t.assistant, ocr=t.ocr, generate_image=t.want_image,
-                             image_texts=tuple(im.ocr.prompt_texts() if im.ocr is not None else () for im in t.images))
-                  for t in turns]
-        prompt, ids = self.engine.build_prompt(pturns)
-        images = [im for t in turns for im in t.images]
-        length = len(ids) + sum(im.tokens.shape[0] - 1 for im in images)
-        return prompt, ids, images, length
-
-    def _fit(self, turn: Turn, options: GenOptions):
-        """Choose the turns the model sees (dropping the oldest when the context is full) and, if the
-        message alone is too long, cut it. Returns prompt, ids, images, max new tokens and notices."""
-        ctx = self.engine.max_context
-        need = max(1, min(options.max_new_tokens, ANSWER_ROOM, ctx // 4))
-        last = len(self.turns) - 1
-        first = min(self.dropped, last)
-        prompt, ids, images, length = self._prompt(self.turns[first:])
-        if length + need > ctx and first < last:
-            # Drop a quarter of the context more than needed, so that the next turns keep this prefix
-            # (and their KV cache) instead of shifting the window on every turn.
-            target = ctx - need - ctx // 4
-            while first < last and length > target:
-                first += 1
-                prompt, ids, images, length = self._prompt(self.turns[first:])
-        notices = []
-        if length + need > ctx and turn.user:
-            full, lo, hi = turn.user, 0, len(turn.user)
-            while lo < hi:  # the longest start of the message that fits
-                mid = (lo + hi + 1) // 2
-                turn.user = full[:mid]
-                if self._prompt(self.turns[first:])[3] + need <= ctx:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            turn.user = full[:lo]
-            prompt, ids, images, length = self._prompt(self.turns[first:])
-            notices.append(Note("message", f"Your message was shortened to {lo:,} characters to fit the model's context of "
-                           f"{ctx:,} tokens."))
-        if length + min(need, 16) > ctx:
-            raise DoesNotFit("This message does not fit the model's context even on its own; send fewer "
-                              "images or a shorter message, or clear the conversation.")
-        if first > self.dropped:
-            notices.append(Note("context", f"The conversation outgrew the model's context ({ctx:,} tokens): the {first} oldest "
-                           f"turn(s) are no longer seen by the model."))
-        self.dropped = first
-        return prompt, ids, images, min(options.max_new_tokens, ctx - length), notices
-
     # ---- generation -----------------------------------------------------------------------------
     def _respond(self, turn: Turn, options: GenOptions, restore: Callable[[], None]) -> Iterator[Event]:
         dropped = self.dropped
@@ -395,7 +345,7 @@ class ChatSession:
 
         try:
             try:
-                prompt, ids, images, max_new, notices = self._fit(turn, options)
+                prompt, ids, images, max_new, notices = context.fit(self, turn, options)
             except DoesNotFit as e:
                 yield fail(str(e), "too_long")
                 return
