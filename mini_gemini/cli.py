@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
 
+from .model_flags import add_model_flags
 from .resources import resolve_model_name  # noqa: F401 - `demo` -> the bundled model's folder
 
 
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=None if Path(sys.argv[0]).stem == "mgm" else "python -m mini_gemini.cli",
                                  description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="demo", help="hub id (YanweiLi/MGM-2B), local folder, or 'demo'")
+    add_model_flags(ap, default_model="demo")
     ap.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
     ap.add_argument("--prompt", help="answer this and exit (without it: interactive chat)")
     ap.add_argument("--temperature", type=float, default=0.0,
@@ -39,22 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-p", type=float, default=0.7, help="nucleus sampling mass when sampling (default 0.7)")
     ap.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit in tokens (default 512)")
     ap.add_argument("--seed", type=int, default=None, help="seed for sampling and image generation")
-    ap.add_argument("--template", help="chat template override (gemma, vicuna_v1, llama_3, mistral_instruct, "
-                                       "chatml_direct)")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
     ap.add_argument("--save-mining", metavar="FILE.npz", help="write the mining weights of every image")
     ap.add_argument("--generate-image", action="store_true", help="ask the model for an image (SDXL)")
     ap.add_argument("--ocr", action="store_true", help="read the text in the images (OCR) and add it to every "
                                                        "message as the official demo does (needs the ocr extra)")
-    ap.add_argument("--sdxl", default=None, help="SDXL model id or folder (default: stable-diffusion-xl-base-1.0)")
     ap.add_argument("--out-dir", default=".", help="where generated images are written")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    ap.add_argument("--load-in-4bit", action="store_true")
-    ap.add_argument("--load-in-8bit", action="store_true")
-    ap.add_argument("--llm-server", metavar="URL", default=os.environ.get("MGM_LLM_SERVER") or None,
-                    help="run the LLM on this vLLM server (started on `mgm-export-llm` output with "
-                         "--enable-prompt-embeds), e.g. http://127.0.0.1:8000; env MGM_LLM_SERVER")
     return ap
 
 

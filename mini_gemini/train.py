@@ -4,4 +4,5 @@ import sys
 from .training.train import main  # noqa: F401
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()  # returns the model, which is not an exit status
+    sys.exit(0)

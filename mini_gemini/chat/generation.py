@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from ..constants import IMAGE_TOKEN_INDEX
+from ..modeling.model import sampling_kwargs
 from .types import GenOptions, ImageEntry
 
 if TYPE_CHECKING:
@@ -218,8 +219,7 @@ class LLMRun:
         self.cached = reuse
         if o.seed is not None:
             torch.manual_seed(o.seed)
-        sampling = dict(do_sample=True, temperature=o.temperature, top_p=o.top_p) if o.temperature > 0 else \
-            dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        sampling = sampling_kwargs(o.temperature, o.top_p)
         out = model.llm.generate(
             inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
             cache=cache, max_new_tokens=self.max_new, eos_token_id=eng.stop_ids or None, pad_token_id=eng.pad_id,

@@ -17,6 +17,7 @@ from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from ..inputs.padding import expand_to_square, padded_square_resize  # noqa: F401 - re-exported
+from .grid import grid_crops
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -92,7 +93,7 @@ class ImageProcessor:
         lr = F.interpolate(hr[None], size=(s * g, s * g), mode="bilinear", align_corners=False)
         if g == 1:
             return Views(pixel_values=lr, pixel_values_aux=hr)
-        crops = lr.reshape(3, g, s, g, s).permute(1, 3, 0, 2, 4).reshape(g * g, 3, s, s)  # row-major
+        crops = grid_crops(lr, g)[0]  # (g*g, 3, s, s), row-major
         if self.global_view:
             glob = F.interpolate(lr, size=(s, s), mode="bilinear", align_corners=False)
             crops = torch.cat([glob, crops])

@@ -20,10 +20,19 @@ from transformers import (CLIPVisionModel, GemmaForCausalLM, LlamaForCausalLM, M
 
 from .config import MGMConfig
 from ..constants import IMAGE_TOKEN_INDEX
+from .grid import grid_crops
 from .mining import PatchInfoMining
 
 LLM_CLASSES = {"gemma": GemmaForCausalLM, "llama": LlamaForCausalLM, "mistral": MistralForCausalLM,
                "mixtral": MixtralForCausalLM}
+
+
+def sampling_kwargs(temperature: float, top_p: float) -> dict:
+    """`generate` arguments for sampling at `temperature` with nucleus `top_p`, or greedy decoding when
+    temperature is 0 (the generation config's own sampling settings are switched off then)."""
+    if temperature > 0:
+        return dict(do_sample=True, temperature=temperature, top_p=top_p)
+    return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
 
 
 class Encoded(NamedTuple):
@@ -124,10 +133,7 @@ class MiniGemini(nn.Module):
         x, hr_map = x.to(mine_p.device, mine_p.dtype), hr_map.to(mine_p.device, mine_p.dtype)
         g = self.config.image_grid
         if g > 1:
-            c, h, w = hr_map.shape[1:]
-            crops = hr_map.reshape(b, c, g, h // g, g, w // g).permute(0, 2, 4, 1, 3, 5)
-            crops = crops.reshape(b, g * g, c, h // g, w // g)
-            maps = [crops]
+            maps = [grid_crops(hr_map, g)]                                                # (B, g*g, Ca, h, w)
             if self.config.image_global:
                 glob = F.interpolate(hr_map.float(), scale_factor=1 / g, mode="bilinear", align_corners=False)
                 maps.insert(0, glob.to(hr_map.dtype)[:, None])
@@ -179,8 +185,7 @@ class MiniGemini(nn.Module):
         """Decode with the LLM's own `generate` from spliced embeddings; returns the new token ids."""
         embeds = self.embed(input_ids, image_tokens)
         tok = self.processor.tokenizer if self.processor is not None else None
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
-            dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        sampling = sampling_kwargs(temperature, top_p)
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long,
                                                                                 device=embeds.device),
                                 max_new_tokens=max_new_tokens,

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..modeling.model import MiniGemini
 
-IGNORE_INDEX = -100
+from ..constants import IGNORE_INDEX  # noqa: E402,F401 - one home; re-exported for the training modules
 HR_OFF_KEY = "mgm_train_hr_disabled"  # config.json flag of an LR-only ablation checkpoint
 STAGES = {0: "towers + everything", 1: "mining + projector", 2: "mining + projector + LLM"}
 DEFAULT_LR = {0: 1e-3, 1: 1e-3, 2: 2e-5}
