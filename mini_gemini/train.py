@@ -1,8 +1,7 @@
 """`python -m mini_gemini.train`: kept as an entry point; training lives in `mini_gemini.training`."""
 import sys
 
-from .training.train import main  # noqa: F401
+from .training.train import cli, main  # noqa: F401
 
 if __name__ == "__main__":
-    main()  # returns the model, which is not an exit status
-    sys.exit(0)
+    sys.exit(cli())

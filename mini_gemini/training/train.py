@@ -46,6 +46,8 @@ import random
 import time
 from pathlib import Path
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -366,5 +368,12 @@ def main(argv=None):
     return model
 
 
+def cli(argv=None) -> int:
+    """Console entry point (`mgm-train`, `python -m mini_gemini.train`): `main` returns the model, the
+    shell wants an exit status."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
