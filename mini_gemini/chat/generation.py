@@ -118,6 +118,15 @@ class AnswerText:
             return delta
         return ""
 
+    def deltas(self, chunks, halt: threading.Event) -> Iterator[str]:
+        """The text to show as token-id chunks arrive; `halt` is set once a stop text was written."""
+        for chunk in chunks:
+            delta = self.feed(chunk)
+            if self.hit:
+                halt.set()
+            if delta:
+                yield delta
+
     def rest(self, text: str) -> Iterator[str]:
         if len(text) > len(self._out) and text.startswith(self._out):
             yield text[len(self._out):]
@@ -244,15 +253,9 @@ class LLMRun:
                 yield Event("notice", Note("queue", f"Waiting: {ahead} conversation{'s' if ahead != 1 else ''} "
                                                     f"ahead (the server writes {scheduler.max_active} answers "
                                                     "at a time)."))
-        answer = self.answer
-        for chunk in self._stream.chunks():
-            delta = answer.feed(chunk)
-            if answer.hit:
-                self.halt.set()
-            if delta:
-                yield delta
+        yield from self.answer.deltas(self._stream.chunks(), self.halt)
         self._finish()
-        yield from answer.rest(self.text)
+        yield from self.answer.rest(self.text)
 
     def _finish(self):
         if self._finished:

@@ -245,15 +245,9 @@ class RemoteRun:
     # consumer side
     def __iter__(self) -> Iterator[str]:
         self._thread.start()
-        answer = self.answer
-        for chunk in self._chunks():
-            delta = answer.feed(chunk)
-            if answer.hit:
-                self.halt.set()
-            if delta:
-                yield delta
+        yield from self.answer.deltas(self._chunks(), self.halt)
         self._finish()
-        yield from answer.rest(self.text)
+        yield from self.answer.rest(self.text)
 
     def _finish(self):
         if self._finished:
