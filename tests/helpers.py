@@ -1,5 +1,17 @@
-"""Small helpers shared by the engine, robustness and API tests."""
+"""Small helpers shared by the engine, robustness, app and API tests."""
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
 from mini_gemini.chat.engine import Engine
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(session, *args, **kw):
@@ -39,3 +51,40 @@ def no_eos(monkeypatch, model):
         kw["suppress_tokens"] = sorted(set(kw.get("suppress_tokens") or []) | set(stop_ids))
         return real(*args, **kw)
     monkeypatch.setattr(model.llm, "generate", generate)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_app(args: list, cwd: Path, log_path: Path, timeout: float = 180, env: dict | None = None):
+    """`python app.py ARGS --host 127.0.0.1 --port P` in a subprocess, once its page answers:
+    (process, URL). Fails the test with the app's log if it exits or does not come up in time."""
+    port = free_port()
+    env = env or dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    with open(log_path, "w") as log:  # the child keeps its own handle
+        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), *map(str, args), "--host", "127.0.0.1",
+                                 "--port", str(port)], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the app exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/config", timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(0.5)
+    stop_process(proc)
+    pytest.fail(f"the app did not start in time:\n{log_path.read_text()[-3000:]}")
+
+
+def stop_process(proc) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

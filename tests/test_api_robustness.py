@@ -7,7 +7,6 @@ Clients are real `gradio_client` clients over HTTP; a few requests are sent raw,
 """
 import json
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -19,7 +18,7 @@ import pytest
 from PIL import Image
 
 from corpus import EXPECT, make_corpus
-from helpers import FaultyStreamer
+from helpers import FaultyStreamer, free_port
 from mini_gemini.constants import IMAGE_TOKEN_INDEX
 from mini_gemini.ui.markup import split_image_prompt
 from mini_gemini.chat.engine import MAX_USER_CHARS
@@ -42,12 +41,6 @@ class Server:
     demo: object      # the running gr.Blocks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def srv(tiny_checkpoint):
     """The real `app.main` (options, queue, launch limits and all), launched without blocking."""
@@ -61,7 +54,7 @@ def srv(tiny_checkpoint):
         launched["demo"] = self
         return real_launch(self, *args, **dict(kw, prevent_thread_lock=True))
 
-    port, sigterm = _free_port(), signal.getsignal(signal.SIGTERM)
+    port, sigterm = free_port(), signal.getsignal(signal.SIGTERM)
     mp = pytest.MonkeyPatch()
     mp.setattr(gr.Blocks, "launch", launch)
     mp.setattr(gr.Blocks, "block_thread", lambda self: None)  # main returns; the server thread serves

@@ -5,11 +5,6 @@ the /chat API of a real app process (tiny MGM + tiny SDXL) driven with gradio_cl
 """
 import atexit
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -19,6 +14,7 @@ from PIL import Image
 
 from mini_gemini.viz import heatmap as hm
 from mini_gemini.viz.legend import LEGEND_HEIGHT
+from helpers import launch_app, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "assets" / "examples" / "squares-1.png"
@@ -177,50 +173,14 @@ def test_missing_model_falls_back_with_a_banner(app_module, tmp_path):
 _APPS: dict = {}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_app(model_dir, sdxl_dir, tmp_dir: Path, max_new_tokens: int = 96) -> str:
     """URL of an app process serving this model (started once per test session)."""
     key = (str(model_dir), str(sdxl_dir))
-    if key in _APPS:
-        return _APPS[key]
-    port = _free_port()
-    log_path = tmp_dir / f"app-{port}.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
-    with open(log_path, "w") as log:  # the child keeps its own handle
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", str(model_dir), "--sdxl",
-                                 str(sdxl_dir), "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-                                 "--max-new-tokens", str(max_new_tokens)],
-                                cwd=tmp_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
-    atexit.register(_stop, proc)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the app exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "/config", timeout=2):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        _stop(proc)
-        pytest.fail(f"the app did not start in time:\n{log_path.read_text()[-3000:]}")
-    _APPS[key] = url
-    return url
-
-
-def _stop(proc):
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    if key not in _APPS:
+        proc, _APPS[key] = launch_app(["--model", model_dir, "--sdxl", sdxl_dir, "--device", "cpu",
+                                       "--max-new-tokens", max_new_tokens], tmp_dir, tmp_dir / "app.log")
+        atexit.register(stop_process, proc)
+    return _APPS[key]
 
 
 @pytest.fixture(scope="module")

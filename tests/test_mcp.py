@@ -11,11 +11,8 @@ import http.server
 import io
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +21,7 @@ from PIL import Image
 
 from mini_gemini.errors import ImageError
 from mini_gemini.inputs import remote
+from helpers import launch_app, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "assets" / "examples" / "squares-1.png"
@@ -261,45 +259,18 @@ def test_the_flag_comes_from_the_command_line_or_the_environment(monkeypatch):
 
 
 # ---- a real MCP client against the running app ---------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mcp_app(tiny_checkpoint, tmp_path_factory):
     pytest.importorskip("mcp", reason="the MCP tests need the `mcp` package: pip install 'mcp>=1.21,<2'")
     tmp = tmp_path_factory.mktemp("mcp-app")
-    port = _free_port()
-    log_path = tmp / "app.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     env.pop("GRADIO_MCP_SERVER", None)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", str(tiny_checkpoint("vicuna")),
-                                 "--sdxl", "none", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-                                 "--max-new-tokens", "48", "--mcp"],
-                                cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = launch_app(["--model", tiny_checkpoint("vicuna"), "--sdxl", "none", "--device", "cpu",
+                            "--max-new-tokens", "48", "--mcp"], tmp, tmp / "app.log", env=env)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the app exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "/config", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the app did not start in time:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 async def _with_session(url, work):

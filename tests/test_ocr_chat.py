@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 from helpers import kinds, run
+from test_templates import official_chunks
 from PIL import Image
 
 from mini_gemini.chat.engine import Engine, GenOptions
@@ -115,18 +116,6 @@ def test_no_text_or_ocr_off_changes_nothing():
         build_prompt("gemma", [Turn("What is it?", 1, image_texts=(SIGN, SIGN), ocr=True)])
     with pytest.raises(ValueError, match="image_texts"):
         build_prompt("gemma", [Turn("What is it?", 1, image_texts=("STOP",), ocr=True)])
-
-
-def official_chunks(text, tok):
-    """Independent re-statement of the official tokenizer_image_token chunk algorithm."""
-    chunks = [tok(c).input_ids for c in text.split("<image>")]
-    starts_with_bos = len(chunks[0]) > 0 and chunks[0][0] == tok.bos_token_id
-    out = [tok.bos_token_id] if starts_with_bos else []
-    for i, ids in enumerate(chunks):
-        if i > 0:
-            out.append(IMAGE_TOKEN_INDEX)
-        out += ids[1:] if starts_with_bos else ids
-    return out
 
 
 @pytest.mark.parametrize("family", FAMILIES)
