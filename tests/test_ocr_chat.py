@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 from helpers import kinds, run
-from test_templates import official_chunks
+from test_templates import L3_ASST, L3_USER, LLAMA3_SYS, VICUNA_SYS, official_chunks
 from PIL import Image
 
 from mini_gemini.chat.engine import Engine, GenOptions
@@ -20,12 +20,6 @@ from mini_gemini.inputs.ocr import OcrLine, OcrResult
 from mini_gemini.modeling.loading import load_pretrained
 from mini_gemini.testing.tiny_tokenizer import FAMILIES, build_tokenizer, family_template
 
-VICUNA_SYS = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-              "helpful, detailed, and polite answers to the user's questions.")
-LLAMA3_SYS = ("<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and vision assistant. "
-              "You are able to understand the visual content that the user provides, and assist the user with "
-              "a variety of tasks using natural language.<|eot_id|>")
-L3_USER, L3_ASST = "<|start_header_id|>user<|end_header_id|>\n\n", "<|start_header_id|>system<|end_header_id|>\n\n"
 
 SIGN = ("STOP", "Main St")
 OCR = "\nReference OCR Token: STOP, Main St\n"  # official: '\nReference OCR Token: ' + ', '.join(texts) + '\n'
