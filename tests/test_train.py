@@ -3,9 +3,9 @@ import json
 
 import torch
 
-from mini_gemini.training.synthetic import sample, scene, token_targets, write_llava_json
 from mini_gemini.chat.templates import Turn
 from mini_gemini.testing.tiny import build_tiny
+from mini_gemini.training.synthetic import sample, scene, token_targets, write_llava_json
 from mini_gemini.training.train import IGNORE_INDEX, encode_conversation, llava_turns, main
 
 
@@ -119,3 +119,67 @@ def test_cached_visual_tokens_train_the_projector_and_llm_only(tmp_path, tiny_ch
     assert all(torch.equal(p, q) for p, q in zip(before.mining.parameters(), after.mining.parameters()))
     assert not torch.equal(before.mm_projector[0].weight, after.mm_projector[0].weight)
     assert not torch.equal(before.llm.lm_head.weight, after.llm.lm_head.weight)
+
+
+def test_reset_llm_draws_a_new_llm_of_the_asked_depth_and_keeps_the_visual_side(tmp_path, tiny_checkpoint):
+    from mini_gemini import load_pretrained
+    torch.set_num_threads(1)
+    init = tiny_checkpoint("vicuna")
+    before = load_pretrained(str(init), device="cpu")
+    depth = before.config.llm.num_hidden_layers
+    out = tmp_path / "fresh"
+    main(["--init", str(init), "--stage", "2", "--steps", "1", "--batch-size", "2", "--lr", "1e-9",
+          "--chat-fraction", "0.5", "--scene-pool", "4", "--cache-visual", "--train-projector",
+          "--reset-llm", "--llm-layers", str(depth + 1), "--out", str(out)])
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == depth + 1
+    after = load_pretrained(str(out), device="cpu")
+    assert len(after.llm.model.layers) == depth + 1
+    # the visual side is kept; the LLM is new (an lr of 1e-9 cannot explain the change)
+    for part in ("vision_tower", "vision_tower_aux", "mining"):
+        assert all(torch.equal(p, q) for p, q in zip(getattr(before, part).parameters(),
+                                                     getattr(after, part).parameters())), part
+    assert torch.allclose(before.mm_projector[0].weight, after.mm_projector[0].weight, atol=1e-6)
+    assert (before.llm.lm_head.weight - after.llm.lm_head.weight).abs().max() > 1e-3
+
+
+def test_earlier_sets_how_often_a_turn_asks_about_an_earlier_picture():
+    from mini_gemini.training.conversations import chat_sample
+
+    def share(earlier):
+        convs = [chat_sample(11, i, earlier=earlier) for i in range(80)]
+        without = sum(turn.n_images == 0 for c in convs for turn in c["turns"][1:])
+        return without / sum(len(c["turns"]) - 1 for c in convs)
+    assert share(0.1) < 0.3 < share(0.6)
+
+
+def test_quizzes_bring_their_pictures_first_and_name_them_in_every_question():
+    from mini_gemini.training.conversations import ORDINALS, quiz_sample
+    from mini_gemini.training.data import ChatMixData
+    from mini_gemini.training.synthetic import COLOUR_NAMES
+    model = build_tiny("vicuna")
+    several = 0
+    for i in range(30):
+        q = quiz_sample(5, i)
+        n = len(q["images"])
+        assert [t.n_images for t in q["turns"]] == [n] + [0] * (len(q["turns"]) - 1)
+        assert 3 <= len(q["turns"]) <= 8 and 1 <= n <= 4
+        for turn, (k, kind) in zip(q["turns"], q["asked"]):
+            sc = q["scenes"][k - 1]
+            if kind == "digit":
+                assert turn.assistant == str(sc.digit)
+            if n > 1:
+                several += 1
+                names = (f"Image {k}", f"image {k}", f"picture {k}", f"the {ORDINALS[k - 1]} ")
+                assert any(name in turn.user for name in names), turn.user
+        ids, labels = encode_conversation(model, q["turns"])
+        learnt = model.processor.tokenizer.decode([i for i, y in zip(ids, labels) if y != IGNORE_INDEX])
+        assert learnt.replace(" ", "") == "".join(t.assistant.replace(" ", "") + "</s>" for t in q["turns"])
+    assert several >= 40
+    lists = [(t.assistant, q["scenes"][k - 1]) for i in range(20) for q in [quiz_sample(6, i, list_fraction=0.5)]
+             for t, (k, kind) in zip(q["turns"], q["asked"]) if kind == "list"]
+    assert len(lists) >= 10
+    for answer, sc in lists:  # every colour present, in COLOUR_NAMES order
+        assert answer.split(", ") == [c for c in COLOUR_NAMES if c in {s.colour for s in sc.squares}]
+    data = ChatMixData(40, seed=2, chat_fraction=0.3, pool=8, quiz_fraction=1.0)
+    ex = data[3]
+    assert ex["turns"][0].n_images == len(ex["images"]) == len(ex["keys"]) and len(ex["turns"]) >= 3

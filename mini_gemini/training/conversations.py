@@ -14,13 +14,18 @@ A turn that brings two images always names the one it asks about. Text-only turn
 (greetings, long stories) are answered "OK.".
 
     chat_sample(seed, index) -> {"images", "turns", "asked": [(image number or None, kind)], "scenes"}
+    quiz_sample(seed, index) -> the same, for a quiz: 1-4 pictures in the first turn, then 3-8 questions
+
+A quiz is the dense form of the same skill: every question of it names its picture once there are two or
+more, so one sequence teaches the picture-to-name binding and the LR questions (colour, count, yes/no)
+several times over for the price of encoding its pictures once.
 """
 from __future__ import annotations
 
 import random
 
 from ..chat.templates import Turn
-from .synthetic import SUFFIX, digit_question, other_question, scene
+from .synthetic import COLOUR_NAMES, SUFFIX, digit_question, other_question, scene
 
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth")
 CHATTER_ANSWER = "OK."
@@ -48,13 +53,22 @@ def _lower_first(q: str) -> str:
 
 def refer(q: str, k: int, rng: random.Random) -> str:
     """The question `q` about image number k (1-based), phrased one of several ways."""
-    name = f"Image {k}" if rng.random() < 0.75 or k > len(ORDINALS) else f"the {ORDINALS[k - 1]} image"
+    r = rng.random()
+    if r < 0.65 or k > len(ORDINALS):
+        name = f"Image {k}"                                  # as the prompt labels it ("Image 2:")
+    elif r < 0.8:
+        name = f"the {ORDINALS[k - 1]} image"
+    elif r < 0.9:
+        name = f"the {ORDINALS[k - 1]} picture" if rng.random() < 0.5 else f"picture {k}"
+    else:
+        name = f"image {k}"
     body, end = q[:-1], q[-1]
     style = rng.random()
     if style < 0.45:
-        if " in the image" in body:
-            return body.replace(" in the image", f" in {name}") + end
-        if body.endswith("square") and rng.random() < 0.6:
+        for here in (" in the image", " in the picture"):
+            if here in body:
+                return body.replace(here, f" in {name}") + end
+        if body.endswith("square") and " in the " in body and rng.random() < 0.6:  # "... in the red square of Image 2"
             return f"{body} of {name}{end}"
         return f"{body} in {name}{end}"
     if style < 0.8:
@@ -64,7 +78,14 @@ def refer(q: str, k: int, rng: random.Random) -> str:
     return f"About {name}: {_lower_first(q)}" if rng.random() < 0.5 else f"For {name}: {q}"
 
 
+LIST_QUESTIONS = ("What colours are the squares?", "Which colours do the squares have?",
+                  "List the colours of the squares.")
+
+
 def question(sc, kind: str, rng: random.Random) -> tuple[str, str]:
+    if kind == "list":  # every colour present, in COLOUR_NAMES order: a dense lesson in what is there
+        present = {s.colour for s in sc.squares}
+        return rng.choice(LIST_QUESTIONS), ", ".join(c for c in COLOUR_NAMES if c in present)
     if kind == "digit":
         q, a = digit_question(sc, rng)
         return q.replace(SUFFIX, ""), a
@@ -76,9 +97,10 @@ def chatter(rng: random.Random) -> str:
 
 
 def chat_sample(seed: int, index: int, digit_fraction: float = 0.6, max_images: int = 4,
-                scene_fn=None) -> dict:
+                scene_fn=None, earlier: float = 0.3) -> dict:
     """One conversation (deterministic per seed, index). `scene_fn(rng) -> Scene` draws its pictures
-    (default: the training generator's scene stream `seed`)."""
+    (default: the training generator's scene stream `seed`); `earlier`: the chance that a turn after the
+    first picture brings no new picture (a question about an earlier one, or chatter)."""
     rng = random.Random(f"mgm-chat-{seed}-{index}")
     if scene_fn is None:
         scene_fn = lambda r, j: scene(seed, f"chat-{index}-{j}")  # noqa: E731
@@ -95,7 +117,7 @@ def chat_sample(seed: int, index: int, digit_fraction: float = 0.6, max_images: 
             turns.append(Turn(chatter(rng), 0, CHATTER_ANSWER))
             asked.append((None, "chatter"))
             continue
-        if images and (room == 0 or r < 0.3):         # a question about an earlier image, no new image
+        if images and (room == 0 or r < earlier):     # a question about an earlier image, no new image
             if rng.random() < 0.15:
                 turns.append(Turn(chatter(rng), 0, CHATTER_ANSWER))
                 asked.append((None, "chatter"))
@@ -138,3 +160,31 @@ def chat_sample(seed: int, index: int, digit_fraction: float = 0.6, max_images: 
         turns.append(Turn(q, 1, a))
         asked.append((1, kind))
     return dict(images=images, turns=turns, asked=asked, scenes=scenes)
+
+
+def quiz_sample(seed: int, index: int, digit_fraction: float = 0.6, max_images: int = 4, scene_fn=None,
+                list_fraction: float = 0.0) -> dict:
+    """A quiz (deterministic per seed, index): 1-`max_images` pictures in the first turn, then 3-8 questions
+    about them, each about one picture (named when there are several), all answers learnt.
+    list_fraction: share of "What colours are the squares?" questions (answer: "blue, green, red"), which
+    teach the LLM to gather every colour present, what yes/no and count questions rest on."""
+    rng = random.Random(f"mgm-quiz-{seed}-{index}")
+    if scene_fn is None:
+        scene_fn = lambda r, j: scene(seed, f"quiz-{index}-{j}")  # noqa: E731
+    else:
+        fn = scene_fn
+        scene_fn = lambda r, j: fn(r)  # noqa: E731
+    n_images = rng.randint(1, max_images)
+    scenes = [scene_fn(rng, j) for j in range(n_images)]
+    turns, asked = [], []
+    for t in range(rng.randint(3, 8)):
+        k = rng.randint(1, n_images)
+        kind = "digit" if rng.random() < digit_fraction else "other"
+        if list_fraction and rng.random() < list_fraction:
+            kind = "list"
+        q, a = question(scenes[k - 1], kind, rng)
+        if n_images > 1:
+            q = refer(q, k, rng)
+        turns.append(Turn(q, n_images if t == 0 else 0, a))
+        asked.append((k, kind))
+    return dict(images=[sc.image for sc in scenes], turns=turns, asked=asked, scenes=scenes)

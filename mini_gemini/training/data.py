@@ -81,16 +81,19 @@ class SyntheticData(torch.utils.data.Dataset):
 
 
 class ChatMixData(SyntheticData):
-    """Single-image questions mixed with multi-turn, multi-image conversations (`conversations.py`).
+    """Single-image questions mixed with multi-turn, multi-image conversations and quizzes
+    (`conversations.py`): a quiz with probability `quiz_fraction`, else a conversation with probability
+    `chat_fraction`, else a single question.
 
     pool: when > 0, every picture is one of `pool` scenes (stream `seed`), and each example names its
     pictures in "keys" - so a frozen visual side encodes each picture once (`Collate(cache=...)`).
     """
 
     def __init__(self, length: int, seed: int = 0, digit_fraction: float = 0.6, chat_fraction: float = 0.5,
-                 pool: int = 0):
+                 pool: int = 0, earlier: float = 0.3, quiz_fraction: float = 0.0, list_fraction: float = 0.0):
         super().__init__(length, seed, digit_fraction)
-        self.chat_fraction, self.pool = chat_fraction, pool
+        self.chat_fraction, self.pool, self.earlier = chat_fraction, pool, earlier
+        self.quiz_fraction, self.list_fraction = quiz_fraction, list_fraction
 
     def _scene(self, rng: random.Random):
         from .synthetic import scene
@@ -100,16 +103,23 @@ class ChatMixData(SyntheticData):
         return sc
 
     def __getitem__(self, i):
-        from .conversations import chat_sample
+        from .conversations import chat_sample, quiz_sample
         from .synthetic import digit_question, other_question
         rng = random.Random(f"mgm-mix-{self.seed}-{i}")
-        if rng.random() >= self.chat_fraction:
+        chat = rng.random() < self.chat_fraction
+        if self.quiz_fraction and rng.random() < self.quiz_fraction:
+            c = quiz_sample(self.seed, i, self.digit_fraction, scene_fn=self._scene if self.pool else None,
+                            list_fraction=self.list_fraction)
+            keys = [sc.meta["key"] for sc in c["scenes"]] if self.pool else None
+            return dict(images=c["images"], turns=c["turns"], scene=None, keys=keys)
+        if not chat:
             if not self.pool:
                 return dict(super().__getitem__(i), scene=None)  # stage 2 only: no per-token targets
             sc = self._scene(rng)
             q, a = (digit_question if rng.random() < self.digit_fraction else other_question)(sc, rng)
             return dict(images=[sc.image], turns=[Turn(q, 1, a)], scene=None, keys=[sc.meta["key"]])
-        c = chat_sample(self.seed, i, self.digit_fraction, scene_fn=self._scene if self.pool else None)
+        c = chat_sample(self.seed, i, self.digit_fraction, scene_fn=self._scene if self.pool else None,
+                        earlier=self.earlier)
         keys = [sc.meta["key"] for sc in c["scenes"]] if self.pool else None
         return dict(images=c["images"], turns=c["turns"], scene=None, keys=keys)
 

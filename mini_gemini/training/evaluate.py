@@ -51,14 +51,17 @@ def mining_focus(model: MiniGemini, sc, attn: torch.Tensor) -> dict:
 @torch.no_grad()
 def evaluate(model: MiniGemini, n: int = 200, seed: int = EVAL_SEED, kind: str = "digit", scenes=None,
              progress: bool = False) -> dict:
-    """Accuracy through the inference path (Engine chat, greedy, 4 new tokens) on held-out scenes."""
+    """Accuracy through the inference path (Engine chat, greedy, 4 new tokens) on held-out scenes.
+
+    kind: "digit" (with mining statistics) or "other" (colour / count / yes-no, also reported apart in
+    "by_kind")."""
     import random as _random
 
     from ..chat.engine import Engine, GenOptions
-    from .synthetic import digit_question, other_question, scene
+    from .synthetic import COLOUR_NAMES, digit_question, other_question, scene
     engine = Engine(model)
     opts = GenOptions(temperature=0, max_new_tokens=4)
-    right, focus, rows = 0, [], []
+    right, focus, rows, by_kind = 0, [], [], {}
     items = scenes if scenes is not None else [scene(seed, i) for i in range(n)]
     for i, sc in enumerate(items):
         rng = _random.Random(f"eval-{seed}-{i}")
@@ -67,14 +70,22 @@ def evaluate(model: MiniGemini, n: int = 200, seed: int = EVAL_SEED, kind: str =
         events = list(session.chat(q, [sc.image], options=opts))
         done = [e for e in events if e.kind == "done"]
         got = done[0].data.assistant if done else ""
-        right += got.strip().rstrip(".").lower() == a.lower()
+        ok = got.strip().rstrip(".").lower() == a.lower()
+        right += ok
         rows.append((q, a, got))
+        if kind != "digit":  # colour / count / yes-no, told apart by the right answer
+            t = by_kind.setdefault("colour" if a in COLOUR_NAMES else "yes/no" if a in ("Yes", "No") else "count",
+                                   [0, 0])
+            t[0] += ok
+            t[1] += 1
         if kind == "digit":  # the mining maps the engine kept when it encoded the image
             focus.append(mining_focus(model, sc, session.images[0].attn[0]))
         engine.end_session(session.id)
         if progress and (i + 1) % 50 == 0:
             print(f"  {i + 1}/{len(items)}: acc {right / (i + 1):.3f}", flush=True)
     res = dict(accuracy=right / len(items), n=len(items), examples=rows[:5])
+    if by_kind:
+        res["by_kind"] = {k: round(r / m, 3) for k, (r, m) in sorted(by_kind.items())}
     if focus:
         res["mining_inside_square"] = sum(f["inside_square"] for f in focus) / len(focus)
         od = [f for f in focus if f["on_digit"] is not None]
@@ -90,7 +101,7 @@ def report(model: MiniGemini, n: int, conversations: int | None = None) -> dict:
     digit = evaluate(model, n, kind="digit", progress=True)
     other = evaluate(model, n, kind="other")
     res = {k: v for k, v in digit.items() if k != "examples"}
-    res.update(other_accuracy=other["accuracy"], hr_disabled=hr_disabled(model), examples=digit["examples"][:3])
+    res.update(other_accuracy=other["accuracy"], other_by_kind=other["by_kind"], hr_disabled=hr_disabled(model), examples=digit["examples"][:3])
     n_conv = n // 2 if conversations is None else conversations
     if n_conv:
         conv = evaluate_conversations(model, n_conv)

@@ -23,7 +23,8 @@ DEMO_LLM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num
 
 def build_demo_model(seed: int = 0) -> MiniGemini:
     """The demo architecture: LR 64 px (patch 8 -> 8x8 tokens), HR 256 px (ConvNeXt stage 0 64x64, P = 8),
-    a 3-layer Llama with the vicuna_v1 template; random weights, float32, trainable."""
+    a 3-layer Llama (the shipped demo model has 4: `--reset-llm --llm-layers 4`) with the vicuna_v1
+    template; random weights, float32, trainable."""
     from ..chat.templates import TEMPLATES
     from ..modeling.config import MGMConfig
     from ..modeling.image_processing import ImageProcessor
@@ -48,6 +49,31 @@ def build_demo_model(seed: int = 0) -> MiniGemini:
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             m.reset_parameters()
     model.processor = MGMProcessor(tok, ImageProcessor.from_config(config), TEMPLATES["vicuna_v1"])
+    return model
+
+
+def reset_llm(model: MiniGemini, seed: int = 0, layers: int | None = None) -> MiniGemini:
+    """Draw the LLM's weights afresh (PyTorch's default init for linear and embedding layers, norms at 1),
+    keeping the towers, mining and projector; `layers`: rebuild it with that many decoder layers (the
+    config follows, so the saved checkpoint loads as any other).
+
+    Why: an LLM trained long on one kind of question stops learning others. The demo model's LLM, after
+    900 steps of mostly digit questions, stayed at its prior on colour/count/yes-no questions through
+    13,000 more examples of them, while the same 3-layer LLM drawn afresh learnt them from the same
+    frozen visual tokens (model card, "Conversations").
+    """
+    torch.manual_seed(seed)
+    if layers is not None and layers != model.config.llm.num_hidden_layers:
+        from ..modeling.model import LLM_CLASSES
+        model.config.llm.num_hidden_layers = layers
+        if getattr(model.config.llm, "layer_types", None):
+            model.config.llm.layer_types = model.config.llm.layer_types[:1] * layers
+        model.llm = LLM_CLASSES[model.config.family](model.config.llm)
+    for m in model.llm.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            m.reset_parameters()
+        elif type(m).__name__.endswith("RMSNorm"):
+            m.weight.data.fill_(1.0)
     return model
 
 

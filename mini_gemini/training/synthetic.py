@@ -38,6 +38,13 @@ COLOUR_NAMES = tuple(COLOURS)
 DIGIT_QUESTIONS = ("What digit is in the {c} square?", "What number is written in the {c} square?",
                    "Which digit is inside the {c} square?", "Read the digit in the {c} square.",
                    "What is the digit in the {c} square?")
+COLOUR_QUESTIONS = ("What colour is the square with the digit?", "What color is the square with the digit?",
+                    "Which square has a digit in it?", "What colour is the square that holds the number?",
+                    "What color is the square with the number in it?")
+COUNT_QUESTIONS = ("How many squares are there?", "How many squares are in the image?",
+                   "How many squares do you see?", "Count the squares.")
+PRESENCE_QUESTIONS = ("Is there {a} {c} square?", "Is there {a} {c} square in the picture?",
+                      "Do you see {a} {c} square?")
 SUFFIX = " Answer the question using a single word or phrase."
 
 FONT_FILES = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSansMono.ttf", "DejaVuSerif.ttf",
@@ -176,14 +183,14 @@ def other_question(sc: Scene, rng: random.Random) -> tuple[str, str]:
     """Questions the LR view alone can answer: the digit square's colour, counts, presence."""
     r = rng.random()
     if r < 0.4:
-        q, a = rng.choice(("What colour is the square with the digit?", "What color is the square with the digit?",
-                           "Which square has a digit in it?")), sc.square_of_digit().colour
+        q, a = rng.choice(COLOUR_QUESTIONS), sc.square_of_digit().colour
     elif r < 0.7:
-        q, a = rng.choice(("How many squares are there?", "How many squares are in the image?")), str(len(sc.squares))
+        q, a = rng.choice(COUNT_QUESTIONS), str(len(sc.squares))
     else:
         present = {s.colour for s in sc.squares}
         c = rng.choice(COLOUR_NAMES)
-        q, a = f"Is there a {c} square?", "Yes" if c in present else "No"
+        article = "an" if c == "orange" and rng.random() < 0.5 else "a"
+        q, a = rng.choice(PRESENCE_QUESTIONS).format(a=article, c=c), "Yes" if c in present else "No"
     return q, a
 
 

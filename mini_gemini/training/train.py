@@ -18,11 +18,13 @@ A tiny model trained from scratch cannot see anything with random frozen encoder
         --warmup 0.05 --batch-size 16 --digit-fraction 0.8 --seed 2 --out /tmp/demo-s2
     python -m mini_gemini.train --init /tmp/demo-s2 --eval-only --eval 100     # held-out accuracy
     # LR-only ablation (HR map zeroed, same token count): add --no-hr to every command
-    # multi-turn, multi-image conversations (conversations.py) mixed with single questions; the mining
-    # output of each pooled scene is computed once, the projector and LLM learn (model card, "Conversations")
-    python -m mini_gemini.train --init assets/demo-model --data synthetic --stage 2 --steps 650 --lr 1e-3 \
-        --batch-size 8 --digit-fraction 0.4 --chat-fraction 0.6 --scene-pool 2000 --cache-visual \
-        --train-projector --seed 3 --out /tmp/demo-chat
+    # multi-turn, multi-image conversations and quizzes (conversations.py) mixed with single questions; the
+    # mining output of each pooled scene is computed once, the projector and a fresh LLM learn (the model
+    # card's "Conversations" section has the exact chain of runs behind the shipped weights)
+    python -m mini_gemini.train --init assets/demo-model --reset-llm --llm-layers 4 --data synthetic --stage 2 \
+        --steps 3000 --lr 1.5e-3 --batch-size 16 --digit-fraction 0.3 --chat-fraction 0.4 --quiz-fraction 0.4 \
+        --list-fraction 0.25 --earlier-fraction 0.45 --scene-pool 4000 --cache-visual --train-projector \
+        --seed 8 --out /tmp/demo-chat
 
     # fine-tune a released checkpoint on your own LLaVA-format data ([{image, conversations}, ...])
     accelerate launch -m mini_gemini.train --init YanweiLi/MGM-2B --data data.json --image-folder imgs/ \\
@@ -69,6 +71,7 @@ from .models import (  # noqa: F401
     disable_hr,
     hr_disabled,
     load_for_training,
+    reset_llm,
     set_stage,
 )
 from .towers import AuxHeads, hr_crops, pretrain_hr  # noqa: F401
@@ -209,6 +212,10 @@ def train(args) -> MiniGemini:
     model = load_for_training(str(resume) if resume else args.init, args.seed)
     if args.no_hr and not hr_disabled(model):
         disable_hr(model)
+    if args.reset_llm and resume is None:
+        reset_llm(model, args.seed, layers=args.llm_layers or None)
+    elif args.llm_layers:
+        raise SystemExit("--llm-layers needs --reset-llm")
     if args.hr_pretrain_steps and args.stage == 0 and resume is None and not hr_disabled(model):
         pretrain_hr(model, args.hr_pretrain_steps, seed=args.seed, cells=args.hr_pretrain_cells,
                     n_scenes=args.hr_pretrain_scenes, augment=args.hr_pretrain_augment)
@@ -235,7 +242,8 @@ def train(args) -> MiniGemini:
     per_step = args.batch_size * args.grad_accum * acc.num_processes
     if args.data == "synthetic" and args.chat_fraction > 0:
         data = ChatMixData(args.steps * per_step, seed=args.seed, digit_fraction=args.digit_fraction,
-                           chat_fraction=args.chat_fraction, pool=args.scene_pool)
+                           chat_fraction=args.chat_fraction, pool=args.scene_pool, earlier=args.earlier_fraction,
+                           quiz_fraction=args.quiz_fraction, list_fraction=args.list_fraction)
     elif args.data == "synthetic":
         data = SyntheticData(args.steps * per_step, seed=args.seed, digit_fraction=args.digit_fraction)
     else:
@@ -329,6 +337,16 @@ def parse_args(argv=None):
     ap.add_argument("--digit-fraction", type=float, default=0.6, help="synthetic: share of digit questions")
     ap.add_argument("--chat-fraction", type=float, default=0.0,
                     help="synthetic: share of multi-turn, multi-image conversations (conversations.py)")
+    ap.add_argument("--earlier-fraction", type=float, default=0.3,
+                    help="synthetic conversations: chance that a later turn brings no picture and asks about an "
+                         "earlier one (or chats)")
+    ap.add_argument("--quiz-fraction", type=float, default=0.0,
+                    help="synthetic with --chat-fraction: share of quizzes (1-4 pictures, then 3-8 questions "
+                         "naming them; conversations.quiz_sample)")
+    ap.add_argument("--list-fraction", type=float, default=0.0,
+                    help="synthetic quizzes: share of \"What colours are the squares?\" questions")
+    ap.add_argument("--llm-layers", type=int, default=0,
+                    help="with --reset-llm: the LLM's number of layers (0: as in --init)")
     ap.add_argument("--scene-pool", type=int, default=0,
                     help="synthetic with --chat-fraction: draw every picture from this many scenes (0: all new)")
     ap.add_argument("--cache-visual", action="store_true",
@@ -336,6 +354,8 @@ def parse_args(argv=None):
                          "once and cached (with --scene-pool, pictures recur); only the LLM learns")
     ap.add_argument("--train-projector", action="store_true",
                     help="with --cache-visual: cache the mined tokens instead and train the projector too")
+    ap.add_argument("--reset-llm", action="store_true",
+                    help="draw the LLM's weights afresh before training (keeps towers, mining, projector)")
     ap.add_argument("--no-hr", action="store_true", help="LR-only ablation: the HR branch feeds zeros")
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
