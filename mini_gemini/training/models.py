@@ -72,8 +72,8 @@ def reset_llm(model: MiniGemini, seed: int = 0, layers: int | None = None) -> Mi
     for m in model.llm.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
             m.reset_parameters()
-        elif type(m).__name__.endswith("RMSNorm"):
-            m.weight.data.fill_(1.0)
+        elif type(m).__name__.endswith("RMSNorm"):  # Gemma's norm scales by (1 + weight): its identity is 0
+            m.weight.data.fill_(0.0 if type(m).__name__.startswith("Gemma") else 1.0)
     return model
 
 
