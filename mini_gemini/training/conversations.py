@@ -92,6 +92,13 @@ def question(sc, kind: str, rng: random.Random) -> tuple[str, str]:
     return other_question(sc, rng)
 
 
+def _pictures(scene_fn, seed: int, tag: str):
+    """(rng, j) -> Scene: `scene_fn(rng)` when given, else picture j of the training stream `seed` under `tag`."""
+    if scene_fn is None:
+        return lambda rng, j: scene(seed, f"{tag}-{j}")
+    return lambda rng, j: scene_fn(rng)
+
+
 def chatter(rng: random.Random) -> str:
     return " ".join(rng.sample(CHATTER, rng.randint(1, 3)))
 
@@ -102,11 +109,7 @@ def chat_sample(seed: int, index: int, digit_fraction: float = 0.6, max_images: 
     (default: the training generator's scene stream `seed`); `earlier`: the chance that a turn after the
     first picture brings no new picture (a question about an earlier one, or chatter)."""
     rng = random.Random(f"mgm-chat-{seed}-{index}")
-    if scene_fn is None:
-        scene_fn = lambda r, j: scene(seed, f"chat-{index}-{j}")  # noqa: E731
-    else:
-        fn = scene_fn
-        scene_fn = lambda r, j: fn(r)  # noqa: E731
+    scene_fn = _pictures(scene_fn, seed, f"chat-{index}")
     images, scenes, turns, asked = [], [], [], []
     n_turns = rng.choice((1, 2, 2, 3, 3, 3, 4, 4, 5))
     for t in range(n_turns):
@@ -169,11 +172,7 @@ def quiz_sample(seed: int, index: int, digit_fraction: float = 0.6, max_images: 
     list_fraction: share of "What colours are the squares?" questions (answer: "blue, green, red"), which
     teach the LLM to gather every colour present, what yes/no and count questions rest on."""
     rng = random.Random(f"mgm-quiz-{seed}-{index}")
-    if scene_fn is None:
-        scene_fn = lambda r, j: scene(seed, f"quiz-{index}-{j}")  # noqa: E731
-    else:
-        fn = scene_fn
-        scene_fn = lambda r, j: fn(r)  # noqa: E731
+    scene_fn = _pictures(scene_fn, seed, f"quiz-{index}")
     n_images = rng.randint(1, max_images)
     scenes = [scene_fn(rng, j) for j in range(n_images)]
     turns, asked = [], []

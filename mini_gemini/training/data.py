@@ -107,19 +107,18 @@ class ChatMixData(SyntheticData):
         from .synthetic import digit_question, other_question
         rng = random.Random(f"mgm-mix-{self.seed}-{i}")
         chat = rng.random() < self.chat_fraction
-        if self.quiz_fraction and rng.random() < self.quiz_fraction:
-            c = quiz_sample(self.seed, i, self.digit_fraction, scene_fn=self._scene if self.pool else None,
-                            list_fraction=self.list_fraction)
-            keys = [sc.meta["key"] for sc in c["scenes"]] if self.pool else None
-            return dict(images=c["images"], turns=c["turns"], scene=None, keys=keys)
-        if not chat:
+        quiz = bool(self.quiz_fraction) and rng.random() < self.quiz_fraction
+        if not (chat or quiz):
             if not self.pool:
                 return dict(super().__getitem__(i), scene=None)  # stage 2 only: no per-token targets
             sc = self._scene(rng)
             q, a = (digit_question if rng.random() < self.digit_fraction else other_question)(sc, rng)
             return dict(images=[sc.image], turns=[Turn(q, 1, a)], scene=None, keys=[sc.meta["key"]])
-        c = chat_sample(self.seed, i, self.digit_fraction, scene_fn=self._scene if self.pool else None,
-                        earlier=self.earlier)
+        pictures = self._scene if self.pool else None
+        if quiz:
+            c = quiz_sample(self.seed, i, self.digit_fraction, scene_fn=pictures, list_fraction=self.list_fraction)
+        else:
+            c = chat_sample(self.seed, i, self.digit_fraction, scene_fn=pictures, earlier=self.earlier)
         keys = [sc.meta["key"] for sc in c["scenes"]] if self.pool else None
         return dict(images=c["images"], turns=c["turns"], scene=None, keys=keys)
 
