@@ -224,12 +224,9 @@ def test_seeded_sampling_is_repeatable_on_the_server(served):
     assert a == b and a != greedy
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_stop_mid_answer_aborts_the_request_on_the_server(served, family):
-    model, server = served[family]
-    eng = Engine(model, llm_server=server.url)
-    eng.stop_ids = []  # nothing ends the answer but Stop (or max_new_tokens)
-    long = GenOptions(temperature=0, max_new_tokens=LONG)
+def _stop_after_three_deltas(eng, server, long):
+    """One long answer stopped after its third delta -> (session, turn, tokens the server had made when the
+    test saw that delta, tokens it made in all, requests still running)."""
     before = server.metrics()
     s = eng.session()
     events, seen = [], threading.Event()
@@ -242,6 +239,7 @@ def test_stop_mid_answer_aborts_the_request_on_the_server(served, family):
     worker = threading.Thread(target=consume)
     worker.start()
     assert seen.wait(120), "no answer streamed"
+    at_stop = server.metrics()
     eng.cancel(s.id)
     worker.join(60)
     assert not worker.is_alive()
@@ -254,8 +252,28 @@ def test_stop_mid_answer_aborts_the_request_on_the_server(served, family):
         if m.get("vllm:num_requests_running", 0) == 0:
             break
         time.sleep(0.2)
-    made = m.get("vllm:generation_tokens_total", 0) - before.get("vllm:generation_tokens_total", 0)
-    assert m.get("vllm:num_requests_running", 0) == 0 and 0 < made < LONG, (made, m.get("vllm:num_requests_running"))
+    made = lambda snap: snap.get("vllm:generation_tokens_total", 0) - before.get("vllm:generation_tokens_total", 0)
+    return s, turn, made(at_stop), made(m), m.get("vllm:num_requests_running", 0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stop_mid_answer_aborts_the_request_on_the_server(served, family):
+    model, server = served[family]
+    eng = Engine(model, llm_server=server.url)
+    eng.stop_ids = []  # nothing ends the answer but Stop (or max_new_tokens)
+    long = GenOptions(temperature=0, max_new_tokens=LONG)
+    # On a saturated CPU vLLM's engine process can write the whole answer before its API process streams the
+    # first token (seen on 2 cores: first delta after ~11 s, all 8000 tokens made); then no Stop can abort
+    # anything. Such a try is repeated; a try where the server was still writing when Stop was pressed must
+    # end with the request dropped early.
+    tries = []
+    for _ in range(3):
+        s, turn, at_stop, made, running = _stop_after_three_deltas(eng, server, long)
+        tries.append((at_stop, made, running))
+        assert running == 0, tries
+        if at_stop < LONG:
+            assert 0 < made < LONG, tries  # still writing at Stop -> aborted before the end
+            break
     # the conversation goes on after a Stop, with the partial answer in its history
     events, turn2 = run(s, "Short answer please.", options=GREEDY)
     assert turn2 is not None and not kinds(events, "error") and len(s.turns) == 2
@@ -272,6 +290,9 @@ def test_stop_mid_answer_aborts_the_request_on_the_server(served, family):
     while time.time() < deadline and server.metrics().get("vllm:num_requests_running", 0):
         time.sleep(0.2)
     assert server.metrics().get("vllm:num_requests_running", 0) == 0
+    if all(at_stop >= LONG for at_stop, _, _ in tries):
+        pytest.skip(f"the vLLM server wrote each whole answer before its first token reached the client "
+                    f"(CPU saturated), so there was nothing left to abort: {tries}")
 
 
 def test_cli_llm_server_answers_like_the_built_in_engine(served, tmp_path, capsys):
