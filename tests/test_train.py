@@ -1,5 +1,6 @@
 """Training: answer-only labels, LLaVA data, a few steps that lower the loss, checkpoints and --resume."""
 import json
+import random
 
 import torch
 
@@ -183,3 +184,26 @@ def test_quizzes_bring_their_pictures_first_and_name_them_in_every_question():
     data = ChatMixData(40, seed=2, chat_fraction=0.3, pool=8, quiz_fraction=1.0)
     ex = data[3]
     assert ex["turns"][0].n_images == len(ex["images"]) == len(ex["keys"]) and len(ex["turns"]) >= 3
+
+
+def test_other_mix_sets_the_share_of_colour_count_and_yes_no_questions():
+    from mini_gemini.training.data import ChatMixData
+    from mini_gemini.training.synthetic import COUNT_QUESTIONS, OTHER_MIX, other_question, scene
+    sc = scene(4, 0)
+    # the default weights draw exactly what they drew before they could be set
+    assert [other_question(sc, random.Random(i)) for i in range(50)] == \
+           [other_question(sc, random.Random(i), OTHER_MIX) for i in range(50)]
+
+    def kinds(mix):
+        data = ChatMixData(300, seed=3, digit_fraction=0.0, chat_fraction=1e-9, pool=16, other_mix=mix)
+        got = {"yes/no": 0, "count": 0, "colour": 0}
+        for i in range(len(data)):
+            turn = data[i]["turns"][0]
+            kind = ("yes/no" if turn.assistant in ("Yes", "No") else
+                    "count" if turn.user in COUNT_QUESTIONS else "colour")
+            got[kind] += 1
+        return got
+    assert kinds((0, 0, 1)) == {"yes/no": 300, "count": 0, "colour": 0}
+    default, heavy = kinds(None), kinds((0.1, 0.3, 0.6))
+    assert 60 <= default["yes/no"] <= 120 and 150 <= heavy["yes/no"] <= 210, (default, heavy)
+    assert 60 <= heavy["count"] <= 120 and heavy["colour"] <= 50, heavy

@@ -90,8 +90,10 @@ class ChatMixData(SyntheticData):
     """
 
     def __init__(self, length: int, seed: int = 0, digit_fraction: float = 0.6, chat_fraction: float = 0.5,
-                 pool: int = 0, earlier: float = 0.3, quiz_fraction: float = 0.0, list_fraction: float = 0.0):
+                 pool: int = 0, earlier: float = 0.3, quiz_fraction: float = 0.0, list_fraction: float = 0.0,
+                 other_mix: tuple[float, float, float] | None = None):
         super().__init__(length, seed, digit_fraction)
+        self.other_mix = other_mix  # single questions: weights of colour / count / yes-no (synthetic.OTHER_MIX)
         self.chat_fraction, self.pool, self.earlier = chat_fraction, pool, earlier
         self.quiz_fraction, self.list_fraction = quiz_fraction, list_fraction
 
@@ -104,7 +106,7 @@ class ChatMixData(SyntheticData):
 
     def __getitem__(self, i):
         from .conversations import chat_sample, quiz_sample
-        from .synthetic import digit_question, other_question
+        from .synthetic import OTHER_MIX, digit_question, other_question
         rng = random.Random(f"mgm-mix-{self.seed}-{i}")
         chat = rng.random() < self.chat_fraction
         quiz = bool(self.quiz_fraction) and rng.random() < self.quiz_fraction
@@ -112,7 +114,10 @@ class ChatMixData(SyntheticData):
             if not self.pool:
                 return dict(super().__getitem__(i), scene=None)  # stage 2 only: no per-token targets
             sc = self._scene(rng)
-            q, a = (digit_question if rng.random() < self.digit_fraction else other_question)(sc, rng)
+            if rng.random() < self.digit_fraction:
+                q, a = digit_question(sc, rng)
+            else:
+                q, a = other_question(sc, rng, self.other_mix or OTHER_MIX)
             return dict(images=[sc.image], turns=[Turn(q, 1, a)], scene=None, keys=[sc.meta["key"]])
         pictures = self._scene if self.pool else None
         if quiz:

@@ -179,12 +179,17 @@ def digit_question(sc: Scene, rng: random.Random) -> tuple[str, str]:
     return (q + SUFFIX if rng.random() < 0.3 else q), str(sc.digit)
 
 
-def other_question(sc: Scene, rng: random.Random) -> tuple[str, str]:
-    """Questions the LR view alone can answer: the digit square's colour, counts, presence."""
+OTHER_MIX = (0.4, 0.3, 0.3)  # colour of the digit's square, count, presence (yes/no)
+
+
+def other_question(sc: Scene, rng: random.Random, mix: tuple[float, float, float] = OTHER_MIX) -> tuple[str, str]:
+    """Questions the LR view alone can answer: the digit square's colour, counts, presence (yes/no), drawn
+    with the weights `mix` (normalised)."""
+    w = [x / sum(mix) for x in mix]
     r = rng.random()
-    if r < 0.4:
+    if r < w[0]:
         q, a = rng.choice(COLOUR_QUESTIONS), sc.square_of_digit().colour
-    elif r < 0.7:
+    elif r < w[0] + w[1]:
         q, a = rng.choice(COUNT_QUESTIONS), str(len(sc.squares))
     else:
         present = {s.colour for s in sc.squares}

@@ -243,7 +243,8 @@ def train(args) -> MiniGemini:
     if args.data == "synthetic" and args.chat_fraction > 0:
         data = ChatMixData(args.steps * per_step, seed=args.seed, digit_fraction=args.digit_fraction,
                            chat_fraction=args.chat_fraction, pool=args.scene_pool, earlier=args.earlier_fraction,
-                           quiz_fraction=args.quiz_fraction, list_fraction=args.list_fraction)
+                           quiz_fraction=args.quiz_fraction, list_fraction=args.list_fraction,
+                           other_mix=args.other_mix)
     elif args.data == "synthetic":
         data = SyntheticData(args.steps * per_step, seed=args.seed, digit_fraction=args.digit_fraction)
     else:
@@ -345,6 +346,10 @@ def parse_args(argv=None):
                          "naming them; conversations.quiz_sample)")
     ap.add_argument("--list-fraction", type=float, default=0.0,
                     help="synthetic quizzes: share of \"What colours are the squares?\" questions")
+    ap.add_argument("--other-mix", type=lambda v: tuple(float(x) for x in v.split(",")), default=None,
+                    metavar="COLOUR,COUNT,YESNO",
+                    help="synthetic with --chat-fraction: weights of the single non-digit questions (default "
+                         "0.4,0.3,0.3: synthetic.OTHER_MIX)")
     ap.add_argument("--llm-layers", type=int, default=0,
                     help="with --reset-llm: the LLM's number of layers (0: as in --init)")
     ap.add_argument("--scene-pool", type=int, default=0,
