@@ -2,6 +2,7 @@
 import json
 import random
 
+import pytest
 import torch
 
 from mini_gemini.chat.templates import Turn
@@ -207,3 +208,8 @@ def test_other_mix_sets_the_share_of_colour_count_and_yes_no_questions():
     default, heavy = kinds(None), kinds((0.1, 0.3, 0.6))
     assert 60 <= default["yes/no"] <= 120 and 150 <= heavy["yes/no"] <= 210, (default, heavy)
     assert 60 <= heavy["count"] <= 120 and heavy["colour"] <= 50, heavy
+    from mini_gemini.training.train import parse_args
+    assert parse_args(["--other-mix", "0.1,0.3,0.6"]).other_mix == (0.1, 0.3, 0.6)
+    for bad in ("1,2", "1,-1,1", "0,0,0", "a,b,c"):
+        with pytest.raises(SystemExit):
+            parse_args(["--other-mix", bad])

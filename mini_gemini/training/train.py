@@ -313,6 +313,17 @@ def train(args) -> MiniGemini:
 
 
 # ---- command line ----------------------------------------------------------------------------------
+def _mix(text: str) -> tuple[float, float, float]:
+    """--other-mix "COLOUR,COUNT,YESNO": three weights, none negative, not all zero."""
+    try:
+        mix = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        mix = ()
+    if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give three weights for colour, count and yes/no, e.g. 0.2,0.3,0.5")
+    return mix
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--init", default="demo", help="'demo' (the tiny demo architecture, random) or a checkpoint "
@@ -346,7 +357,7 @@ def parse_args(argv=None):
                          "naming them; conversations.quiz_sample)")
     ap.add_argument("--list-fraction", type=float, default=0.0,
                     help="synthetic quizzes: share of \"What colours are the squares?\" questions")
-    ap.add_argument("--other-mix", type=lambda v: tuple(float(x) for x in v.split(",")), default=None,
+    ap.add_argument("--other-mix", type=_mix, default=None,
                     metavar="COLOUR,COUNT,YESNO",
                     help="synthetic with --chat-fraction: weights of the single non-digit questions (default "
                          "0.4,0.3,0.3: synthetic.OTHER_MIX)")
