@@ -97,8 +97,10 @@ class Loader:
         if (demo_model_path() / "config.json").exists():
             model = self._load(str(demo_model_path()))
             model.name_or_path = "bundled demo model (assets/demo-model)"
-            return model, ("The app runs on the **bundled demo model** instead: a small model trained only to "
-                           f"answer “{RED_SQUARE}” on scenes like the examples.")
+            return model, ("The app runs on the **bundled demo model** instead: a small model trained only on "
+                           f"scenes like the examples, to answer “{RED_SQUARE}”, which colour the square with the "
+                           "digit is, how many squares there are and whether a colour is there, across the "
+                           "pictures of one conversation (“… of Image 2?”).")
         from mini_gemini.testing.tiny import build_tiny
         self._set("Building a tiny random model…", 0.6)
         model = build_tiny("vicuna").to(self.args.device or ("cuda" if _cuda() else "cpu"))

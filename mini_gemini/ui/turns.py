@@ -23,7 +23,9 @@ except ImportError:
 log = logging.getLogger(__name__)
 OUTSIDE_DEMO_TASK = ("This is the small bundled demo model: it only knows questions about the digits and coloured "
                      "squares of pictures like the examples, so this answer means nothing. To ask about your "
-                     "photos, start the app with a real checkpoint: `python app.py --model YanweiLi/MGM-2B`.")
+                     "photos, start the app with a real checkpoint: `python app.py --model YanweiLi/MGM-2B` "
+                     "(downloaded on first use; offline, give the folder of a copy fetched before with "
+                     "`hf download YanweiLi/MGM-2B`).")
 
 @dataclass
 class Live:
