@@ -264,16 +264,18 @@ def test_stop_mid_answer_aborts_the_request_on_the_server(served, family):
     long = GenOptions(temperature=0, max_new_tokens=LONG)
     # On a saturated CPU vLLM's engine process can write the whole answer before its API process streams the
     # first token (seen on 2 cores: first delta after ~11 s, all 8000 tokens made); then no Stop can abort
-    # anything. Such a try is repeated; a try where the server was still writing when Stop was pressed must
-    # end with the request dropped early.
+    # anything. So up to 3 tries: one must end with the request dropped early; if none does, the test fails
+    # unless the server had already written the whole answer at every Stop (then it skips, with the counts).
     tries = []
     for _ in range(3):
         s, turn, at_stop, made, running = _stop_after_three_deltas(eng, server, long)
         tries.append((at_stop, made, running))
         assert running == 0, tries
-        if at_stop < LONG:
-            assert 0 < made < LONG, tries  # still writing at Stop -> aborted before the end
+        if 0 < made < LONG:  # aborted before the end
             break
+    else:
+        assert all(at_stop >= LONG for at_stop, _, _ in tries), \
+            f"Stop did not abort the request although the server was still writing: {tries}"
     # the conversation goes on after a Stop, with the partial answer in its history
     events, turn2 = run(s, "Short answer please.", options=GREEDY)
     assert turn2 is not None and not kinds(events, "error") and len(s.turns) == 2
@@ -290,7 +292,7 @@ def test_stop_mid_answer_aborts_the_request_on_the_server(served, family):
     while time.time() < deadline and server.metrics().get("vllm:num_requests_running", 0):
         time.sleep(0.2)
     assert server.metrics().get("vllm:num_requests_running", 0) == 0
-    if all(at_stop >= LONG for at_stop, _, _ in tries):
+    if not 0 < tries[-1][1] < LONG:
         pytest.skip(f"the vLLM server wrote each whole answer before its first token reached the client "
                     f"(CPU saturated), so there was nothing left to abort: {tries}")
 
