@@ -225,8 +225,8 @@ def test_seeded_sampling_is_repeatable_on_the_server(served):
 
 
 def _stop_after_three_deltas(eng, server, long):
-    """One long answer stopped after its third delta -> (session, turn, tokens the server had made when the
-    test saw that delta, tokens it made in all, requests still running)."""
+    """One long answer stopped after its third delta (its partial answer checked) -> (session, tokens the
+    server had made when the test saw that delta, tokens it made in all, requests still running)."""
     before = server.metrics()
     s = eng.session()
     events, seen = [], threading.Event()
@@ -252,8 +252,9 @@ def _stop_after_three_deltas(eng, server, long):
         if m.get("vllm:num_requests_running", 0) == 0:
             break
         time.sleep(0.2)
-    made = lambda snap: snap.get("vllm:generation_tokens_total", 0) - before.get("vllm:generation_tokens_total", 0)
-    return s, turn, made(at_stop), made(m), m.get("vllm:num_requests_running", 0)
+    def made(snap):
+        return snap.get("vllm:generation_tokens_total", 0) - before.get("vllm:generation_tokens_total", 0)
+    return s, made(at_stop), made(m), m.get("vllm:num_requests_running", 0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -268,7 +269,7 @@ def test_stop_mid_answer_aborts_the_request_on_the_server(served, family):
     # unless the server had already written the whole answer at every Stop (then it skips, with the counts).
     tries = []
     for _ in range(3):
-        s, turn, at_stop, made, running = _stop_after_three_deltas(eng, server, long)
+        s, at_stop, made, running = _stop_after_three_deltas(eng, server, long)
         tries.append((at_stop, made, running))
         assert running == 0, tries
         if 0 < made < LONG:  # aborted before the end

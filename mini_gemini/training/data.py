@@ -93,7 +93,8 @@ class ChatMixData(SyntheticData):
                  pool: int = 0, earlier: float = 0.3, quiz_fraction: float = 0.0, list_fraction: float = 0.0,
                  other_mix: tuple[float, float, float] | None = None):
         super().__init__(length, seed, digit_fraction)
-        self.other_mix = other_mix  # single questions: weights of colour / count / yes-no (synthetic.OTHER_MIX)
+        from .synthetic import OTHER_MIX
+        self.other_mix = other_mix or OTHER_MIX  # single questions: weights of colour / count / yes-no
         self.chat_fraction, self.pool, self.earlier = chat_fraction, pool, earlier
         self.quiz_fraction, self.list_fraction = quiz_fraction, list_fraction
 
@@ -106,7 +107,7 @@ class ChatMixData(SyntheticData):
 
     def __getitem__(self, i):
         from .conversations import chat_sample, quiz_sample
-        from .synthetic import OTHER_MIX, digit_question, other_question
+        from .synthetic import digit_question, other_question
         rng = random.Random(f"mgm-mix-{self.seed}-{i}")
         chat = rng.random() < self.chat_fraction
         quiz = bool(self.quiz_fraction) and rng.random() < self.quiz_fraction
@@ -117,7 +118,7 @@ class ChatMixData(SyntheticData):
             if rng.random() < self.digit_fraction:
                 q, a = digit_question(sc, rng)
             else:
-                q, a = other_question(sc, rng, self.other_mix or OTHER_MIX)
+                q, a = other_question(sc, rng, self.other_mix)
             return dict(images=[sc.image], turns=[Turn(q, 1, a)], scene=None, keys=[sc.meta["key"]])
         pictures = self._scene if self.pool else None
         if quiz:
