@@ -247,7 +247,8 @@ def bench_speed(new_tokens: int = 48) -> dict:
     # LLM's forward stamps every decode step, so the rate spans the whole loop (streamer, stopping checks,
     # logits processing) but not the prefill or the image encoding.
     s = first_turn()
-    context = s.kv[0].get_seq_length() if s.kv else 600
+    turn = s.turns[-1]
+    context = len(turn.prompt_ids) - 1 + engine.tokens_per_image + len(turn.token_ids)
     ids = torch.randint(10, model.config.llm.vocab_size - 10, (1, context))
     stamps = []
 
@@ -275,10 +276,10 @@ def bench_speed(new_tokens: int = 48) -> dict:
 
     def vlm():
         sess = engine.session()
-        list(sess.chat("Describe the image.", [img], options=GenOptions(max_new_tokens=new_tokens, **greedy)))
+        list(sess.chat("Describe the image.", [img], options=GenOptions(max_new_tokens=new_tokens, ignore_eos=True,
+                                                                        **greedy)))
         engine.end_session(sess.id)
-    engine.stop_ids = []  # no early stop: both run the full length
-    model.llm.generation_config.eos_token_id = None
+    model.llm.generation_config.eos_token_id = None  # no early stop: both run the full length
     rates_bare, rates_vlm = [], []
     for _ in range(5):  # alternate, so that both see the same machine load
         rates_bare.append(rate(bare))

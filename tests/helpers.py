@@ -1,4 +1,5 @@
 """Small helpers shared by the engine, robustness, app and API tests."""
+import contextlib
 import os
 import socket
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mini_gemini.chat.engine import Engine
+from mini_gemini.chat.detokenizer import stop_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,32 +26,80 @@ def kinds(events, kind):
     return [e for e in events if e.kind == kind]
 
 
-class FaultyStreamer:
-    """Wraps generate's streamer and fails after `after` puts: the device breaks mid-answer,
-    with the KV cache already half written."""
-
-    def __init__(self, streamer, after: int = 3):
-        self.streamer, self.after, self.n = streamer, after, 0
-
-    def put(self, value):
-        self.n += 1
-        if self.n > self.after:
-            raise RuntimeError("device lost")
-        self.streamer.put(value)
-
-    def end(self):
-        self.streamer.end()
+ENGINE_PATHS = pytest.mark.parametrize("max_active", [8, 0], ids=["scheduler", "generate"])
+"""Run a test on both ways the built-in engine writes answers: the batching scheduler (the default) and
+one whole answer at a time with the LLM's own `generate` (`Engine(max_active=0)`)."""
 
 
-def no_eos(monkeypatch, model):
-    """Make the model unable to end its answer, so that it runs until max_new_tokens."""
-    real = model.llm.generate
-    stop_ids, _ = Engine._stops(model.processor.tokenizer, model.processor.template.stop_strings)
+@contextlib.contextmanager
+def on_llm_forward(model, hook):
+    """Call `hook(kwargs, output)` after every forward of the model's LLM, on whatever path runs it (a scheduler
+    step, a `generate` step); it may change `output.logits` in place, or raise to fail that forward."""
+    handle = model.llm.register_forward_hook(lambda module, args, kwargs, output: hook(kwargs, output),
+                                             with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
-    def generate(*args, **kw):
-        kw["suppress_tokens"] = sorted(set(kw.get("suppress_tokens") or []) | set(stop_ids))
-        return real(*args, **kw)
-    monkeypatch.setattr(model.llm, "generate", generate)
+
+@contextlib.contextmanager
+def fault_at(model, error: BaseException, at: int = 1, only=lambda kwargs: True):
+    """The device fails at the `at`-th forward of the LLM from now (1: the prefill of the next answer; 4: mid-
+    answer, with the KV cache already half written), once; `only(kwargs)` picks the forwards that count."""
+    calls = [0]
+
+    def hook(kwargs, output):
+        if only(kwargs):
+            calls[0] += 1
+            if calls[0] == at:
+                raise error
+    with on_llm_forward(model, hook):
+        yield calls
+
+
+def stop_ids_of(model) -> list[int]:
+    return stop_tables(model.processor.tokenizer, model.processor.template.stop_strings)[0]
+
+
+@contextlib.contextmanager
+def endless(model):
+    """The model never writes a stop token (its logits are -inf there): every answer runs to its length."""
+    stops = stop_ids_of(model)
+
+    def hook(kwargs, output):
+        output.logits[..., stops] = float("-inf")
+    with on_llm_forward(model, hook):
+        yield
+
+
+@contextlib.contextmanager
+def scripted(model, *texts):
+    """The model 'writes' texts[0] in its first answer from now, texts[1] in the next, ...: each forward's logits
+    make the scripted token the only choice (then a stop token once the text is written). From the second
+    answer on (the image-prompt continuation, which must not end early: special tokens suppressed), every stop
+    token is also made tempting (above the scripted token), and the last scripted token repeats. Yields the list of each answer's first forward kwargs."""
+    tok = model.processor.tokenizer
+    scripts = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    stops = stop_ids_of(model)
+    calls, state = [], {"run": -1, "i": 0}
+
+    def hook(kwargs, output):
+        if kwargs.get("inputs_embeds") is not None:  # a prefill: the next answer starts
+            calls.append(kwargs)
+            state["run"], state["i"] = state["run"] + 1, 0
+        script = scripts[min(state["run"], len(scripts) - 1)]
+        logits = output.logits
+        logits.fill_(0.0)
+        if state["i"] < len(script) or (state["run"] > 0 and script):
+            logits[..., script[min(state["i"], len(script) - 1)]] = 100.0  # a continuation repeats its last token
+            if state["run"] > 0:
+                logits[..., stops] = 200.0
+        else:
+            logits[..., stops] = 100.0
+        state["i"] += 1
+    with on_llm_forward(model, hook):
+        yield calls
 
 
 def free_port() -> int:

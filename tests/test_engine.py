@@ -5,14 +5,15 @@ import threading
 
 import pytest
 import torch
+from helpers import ENGINE_PATHS, endless, kinds, run, scripted
 from PIL import Image
 
-from helpers import no_eos, kinds, run
-from mini_gemini.constants import IMAGE_TOKEN_INDEX
+from mini_gemini.chat.detokenizer import stop_tables
 from mini_gemini.chat.engine import Engine, GenOptions
-from mini_gemini.modeling.loading import load_pretrained
 from mini_gemini.chat.templates import Turn as PromptTurn
 from mini_gemini.chat.templates import build_prompt, tokenize
+from mini_gemini.constants import IMAGE_TOKEN_INDEX
+from mini_gemini.modeling.loading import load_pretrained
 from mini_gemini.testing.tiny import build_tiny
 
 GREEDY = GenOptions(temperature=0.0, max_new_tokens=8)
@@ -31,7 +32,7 @@ def reference(model, turns, max_new):
         for im in ims:
             v = model.processor.image_processor(im)
             feats.append(model.encode_images(v.pixel_values[None], v.pixel_values_aux[None])[0][0])
-    stop_ids, _ = Engine._stops(model.processor.tokenizer, model.processor.template.stop_strings)
+    stop_ids, _ = stop_tables(model.processor.tokenizer, model.processor.template.stop_strings)
     with torch.no_grad():
         emb = model.embed(ids, feats)
         out = model.llm.generate(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long),
@@ -52,23 +53,6 @@ def prefill_counter(model):
         if emb is not None:
             counts.append(emb.shape[1])
     return counts, model.llm.register_forward_pre_hook(hook, with_kwargs=True)
-
-
-def scripted(monkeypatch, model, *texts):
-    """Replace the LLM's generate by one that 'writes' texts[0], then texts[1], ... (streamed like the real
-    one, without looking at stopping criteria)."""
-    calls = []
-
-    def generate(**kw):
-        ids = model.processor.tokenizer(texts[len(calls)], add_special_tokens=False).input_ids
-        calls.append(kw)
-        kw["streamer"].put(torch.zeros(1, 0, dtype=torch.long))
-        for i in ids:
-            kw["streamer"].put(torch.tensor([i]))
-        kw["streamer"].end()
-        return torch.tensor([ids])
-    monkeypatch.setattr(model.llm, "generate", generate)
-    return calls
 
 
 @pytest.fixture(scope="module")
@@ -127,33 +111,37 @@ def test_sampling_is_reproducible_with_a_seed(vicuna):
                    options=GenOptions(temperature=0, max_new_tokens=3))[1].token_ids) <= 3
 
 
-def test_text_stop_strings_end_and_trim_the_answer(vicuna, monkeypatch):
-    eng = Engine(vicuna)
-    eng.stop_texts = ("###",)  # a stop string that is not one token: matched on the decoded text
-    scripted(monkeypatch, vicuna, "Hello there ###USER: more text")
-    events, turn = run(eng.session(), "hi", options=GenOptions(temperature=0, max_new_tokens=64))
+@ENGINE_PATHS
+def test_text_stop_strings_end_and_trim_the_answer(vicuna, max_active):
+    eng = Engine(vicuna, max_active=max_active)
+    # "###" is not one token: it is matched on the decoded text
+    with scripted(vicuna, "Hello there ###USER: more text"):
+        events, turn = run(eng.session(), "hi", options=GenOptions(temperature=0, max_new_tokens=64, stop="###"))
     assert turn.assistant == "Hello there"
     assert "".join(e.text for e in kinds(events, "delta")) == "Hello there"  # the stop text never streams
     assert "###" in vicuna.processor.tokenizer.decode(turn.token_ids) and "more" not in vicuna.processor.tokenizer.decode(turn.token_ids)
 
 
 # ---- cancel, undo, regenerate ---------------------------------------------------------------------------
-def test_cancel_from_another_thread_keeps_the_partial_answer(vicuna, monkeypatch):
-    no_eos(monkeypatch, vicuna)
-    s = Engine(vicuna).session()
+@ENGINE_PATHS
+def test_cancel_from_another_thread_keeps_the_partial_answer(vicuna, max_active):
+    eng = Engine(vicuna, max_active=max_active)
+    s = eng.session()
     first_delta = threading.Event()
     threading.Thread(target=lambda: first_delta.wait(30) and s.cancel(), daemon=True).start()
     events = []
-    for ev in s.chat("Tell me a long story.", options=GenOptions(temperature=0, max_new_tokens=400)):
-        events.append(ev)
-        if ev.kind == "delta":
-            first_delta.set()
+    with endless(vicuna):
+        for ev in s.chat("Tell me a long story.", options=GenOptions(temperature=0, max_new_tokens=400)):
+            events.append(ev)
+            if ev.kind == "delta":
+                first_delta.set()
     turn = kinds(events, "done")[0].data
     assert turn.cancelled and "stopped" in turn.notes
     assert 0 < len(turn.token_ids) < 400
     assert turn.assistant and "".join(e.text for e in kinds(events, "delta")) == turn.assistant
     assert any("Stopped" in e.text for e in kinds(events, "notice"))
-    assert not [t for t in threading.enumerate() if t.name.startswith("mgm-generate")]
+    assert eng.runner.lock.acquire(timeout=30)  # the model was let go (no run still writing)
+    eng.runner.lock.release()
     nxt = run(s, "Go on.", options=GenOptions(temperature=0, max_new_tokens=3))[1]
     assert nxt is not None and not nxt.cancelled and turn.assistant in nxt.prompt  # partial answer is history
 
@@ -177,8 +165,9 @@ def test_undo_and_regenerate(vicuna):
     assert s.undo() is None and s.turns == []
     assert list(s.regenerate()) == []  # nothing to regenerate
     run(s, "Hello", options=GREEDY)
+    assert s.engine.kv_store.holds(s.cache_owner)
     s.clear()
-    assert s.turns == [] and s.kv is None
+    assert s.turns == [] and not s.engine.kv_store.holds(s.cache_owner) and s.engine.kv_store.holders() == []
 
 
 # ---- context overflow -----------------------------------------------------------------------------------
@@ -241,16 +230,18 @@ class FakeImageGenerator:
         return Image.new("RGB", (8, 8))
 
 
-def test_model_written_h_prompt_is_used(vicuna, monkeypatch):
+@ENGINE_PATHS
+def test_model_written_h_prompt_is_used(vicuna, max_active):
     gen = FakeImageGenerator()
-    calls = scripted(monkeypatch, vicuna, "Sure! <h>a red cat on a mat</h>")
-    events, turn = run(Engine(vicuna, gen).session(), "Draw a cat", generate_image=True, options=GREEDY)
+    with scripted(vicuna, "Sure! <h>a red cat on a mat</h>") as calls:
+        events, turn = run(Engine(vicuna, gen, max_active=max_active).session(), "Draw a cat", generate_image=True,
+                           options=GenOptions(temperature=0, max_new_tokens=32))
     assert gen.prompts == ["a red cat on a mat"] and turn.image_prompt == "a red cat on a mat"
     assert len(calls) == 1  # no continuation needed
     assert kinds(events, "image") and any(e.data == 0.5 for e in kinds(events, "progress"))
 
 
-def test_long_image_prompts_are_cut_to_sdxl_clip_tokens_and_the_user_is_told(vicuna, tiny_sdxl, monkeypatch):
+def test_long_image_prompts_are_cut_to_sdxl_clip_tokens_and_the_user_is_told(vicuna, tiny_sdxl):
     from mini_gemini.imagegen import ImageGenerator
     gen = ImageGenerator(str(tiny_sdxl), device="cpu")
     eng = Engine(vicuna, gen)
@@ -258,12 +249,11 @@ def test_long_image_prompts_are_cut_to_sdxl_clip_tokens_and_the_user_is_told(vic
     opts = GenOptions(temperature=0, max_new_tokens=400, steps=1, image_seed=0)
     cases = {
         "closed by the model": (("Sure! <h>" + long + "</h>",), "Draw a cat"),
-        "continued after a forced <h>": (("Sure!", " " + long + "</h>"), "Draw a cat"),
-        "the user's message": (("Sure!", ""), long),
+        "the user's message": (("Sure!", " "), long),  # the model writes only spaces: no prompt of its own
     }
     for name, (texts, message) in cases.items():
-        scripted(monkeypatch, vicuna, *texts)
-        events, turn = run(eng.session(), message, generate_image=True, options=opts)
+        with scripted(vicuna, *texts):
+            events, turn = run(eng.session(), message, generate_image=True, options=opts)
         fitted = gen.fit_prompt(long)
         assert fitted.cut and turn.image_prompt == fitted.text, name  # the text actually drawn
         assert long.startswith(turn.image_prompt) and len(turn.image_prompt) < len(long)
@@ -274,25 +264,38 @@ def test_long_image_prompts_are_cut_to_sdxl_clip_tokens_and_the_user_is_told(vic
         assert image.text == turn.image_prompt and gen.last_prompt == turn.image_prompt, name
         if message != long:
             assert long in turn.assistant  # the answer keeps what the model wrote
-    scripted(monkeypatch, vicuna, "Sure! <h>a red cat</h>")  # a short prompt: drawn as written, no note
-    events, turn = run(eng.session(), "Draw a cat", generate_image=True, options=opts)
+    with scripted(vicuna, "Sure! <h>a red cat</h>"):  # a short prompt: drawn as written, no note
+        events, turn = run(eng.session(), "Draw a cat", generate_image=True, options=opts)
     assert turn.image_prompt == "a red cat" and not [n for n in turn.notes if n.kind == "image_prompt"]
+    # continued after a forced <h>: the model writes at most MAX_IMAGE_PROMPT_TOKENS tokens, and what it wrote
+    # is drawn as SDXL reads it
+    from mini_gemini.chat.image_turn import MAX_IMAGE_PROMPT_TOKENS
+    from mini_gemini.imagegen import extract_image_prompt
+    with scripted(vicuna, "Sure!", " " + long + "</h>"):
+        events, turn = run(eng.session(), "Draw a cat", generate_image=True, options=opts)
+    written = extract_image_prompt(turn.assistant)
+    assert long.startswith(written) and len(vicuna.processor.tokenizer(
+        written, add_special_tokens=False).input_ids) <= MAX_IMAGE_PROMPT_TOKENS + 1
+    assert turn.image_prompt == gen.fit_prompt(written).text == gen.last_prompt
 
 
-def test_unclosed_h_prompt_is_continued_by_the_model(vicuna, monkeypatch):
+@ENGINE_PATHS
+def test_unclosed_h_prompt_is_continued_by_the_model(vicuna, max_active):
     gen = FakeImageGenerator()
-    calls = scripted(monkeypatch, vicuna, "Sure! <h>a red", " cat on a mat</h> and more words")
-    events, turn = run(Engine(vicuna, gen).session(), "Draw a cat", generate_image=True,
-                       options=GenOptions(temperature=0, max_new_tokens=64))
+    eng = Engine(vicuna, gen, kv_sessions=0, max_active=max_active)  # no cache: every prefill is the whole prompt
+    with scripted(vicuna, "Sure! <h>a red", " cat on a mat</h> and more words") as calls:
+        events, turn = run(eng.session(), "Draw a cat", generate_image=True,
+                           options=GenOptions(temperature=0, max_new_tokens=64))
+    # the continuation was not ended by the (tempting) stop tokens: special tokens are banned while it is written
     assert gen.prompts == ["a red cat on a mat"] and turn.assistant == "Sure! <h>a red cat on a mat</h>"
     assert "".join(e.text for e in kinds(events, "delta")) == turn.assistant
-    # the continuation started from the answer as written (no second <h>), with special tokens banned
+    # the continuation started from the answer as written (no second <h>)
     assert calls[1]["inputs_embeds"].shape[1] == calls[0]["inputs_embeds"].shape[1] + len(turn.token_ids) - len(
         vicuna.processor.tokenizer(" cat on a mat</h>", add_special_tokens=False).input_ids)
-    assert set(calls[1]["suppress_tokens"]) >= set(vicuna.processor.tokenizer.all_special_ids)
 
 
-def test_diffusion_failure_or_missing_pipeline_keeps_the_text_answer(vicuna, tmp_path):
+@ENGINE_PATHS
+def test_diffusion_failure_or_missing_pipeline_keeps_the_text_answer(vicuna, tmp_path, max_active):
     from mini_gemini.imagegen import ImageGenerator
 
     class Broken:
@@ -300,12 +303,13 @@ def test_diffusion_failure_or_missing_pipeline_keeps_the_text_answer(vicuna, tmp
             raise RuntimeError("CUDA error: device-side assert")
     for gen, note in [(ImageGenerator(str(tmp_path / "no-sdxl"), device="cpu"), "does not exist"),
                       (Broken(), "device-side assert"), (None, "not enabled")]:
-        events, turn = run(Engine(vicuna, gen).session(), "Draw a dog.", generate_image=True, options=GREEDY)
+        events, turn = run(Engine(vicuna, gen, max_active=max_active).session(), "Draw a dog.", generate_image=True,
+                           options=GREEDY)
         assert turn is not None and not kinds(events, "error") and not kinds(events, "image")
         assert turn.assistant is not None and turn.image_prompt
         assert any(note in n for n in turn.notes) and any(note in e.text for e in kinds(events, "notice"))
         assert "text answer is kept" in turn.notes[-1]
-    s = Engine(vicuna, Broken()).session()
+    s = Engine(vicuna, Broken(), max_active=max_active).session()
     half_transparent = Image.new("RGBA", (8, 8), (255, 0, 0, 128))
     run(s, "Draw a dog.", [half_transparent], generate_image=True, options=GREEDY)
     regen = [e.data for e in s.regenerate(GREEDY) if e.kind == "done"][0]

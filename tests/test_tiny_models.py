@@ -8,8 +8,9 @@ from PIL import Image
 
 from reference import FAMILY_TEMPLATE, Reference, official_prompt
 
+from mini_gemini.chat.detokenizer import stop_tables
 from mini_gemini.chat.engine import Engine, GenOptions
-from mini_gemini.chat.templates import Turn, build_prompt, tokenize
+from mini_gemini.modeling.chat_template import PromptTurn, build_prompt, tokenize
 from mini_gemini.constants import IMAGE_TOKEN_INDEX
 from mini_gemini.modeling.loading import load_pretrained
 from mini_gemini.testing.tiny import build_tiny
@@ -33,12 +34,12 @@ def one_pixel_changed(arr, row, col) -> Image.Image:
 
 def greedy(model, text, images, n=8):
     """n greedy tokens with the stop tokens suppressed (so that every answer has n tokens to compare)."""
-    ids = tokenize(build_prompt(model.processor.template, [Turn(text, len(images))]), model.processor.tokenizer)
+    ids = tokenize(build_prompt(model.processor.template, [PromptTurn(text, len(images))]), model.processor.tokenizer)
     feats = []
     for im in images:
         v = model.processor.image_processor(im)
         feats.append(model.encode_images(v.pixel_values[None], v.pixel_values_aux[None]).image_features[0])
-    stops, _ = Engine._stops(model.processor.tokenizer, model.processor.template.stop_strings)
+    stops, _ = stop_tables(model.processor.tokenizer, model.processor.template.stop_strings)
     return model.generate(ids, feats, max_new_tokens=n, suppress_tokens=sorted(stops)).tolist()
 
 

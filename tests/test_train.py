@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from mini_gemini.chat.templates import Turn
+from mini_gemini.modeling.chat_template import PromptTurn
 from mini_gemini.testing.tiny import build_tiny
 from mini_gemini.training.synthetic import sample, scene, token_targets, write_llava_json
 from mini_gemini.training.train import IGNORE_INDEX, encode_conversation, llava_turns, main
@@ -30,13 +30,13 @@ def test_synthetic_is_deterministic_and_well_formed():
 
 def test_labels_cover_only_the_answers():
     model = build_tiny("vicuna")
-    turns = [Turn("What digit is in the red square?", 1, "7"), Turn("And the colour?", 0, "red")]
+    turns = [PromptTurn("What digit is in the red square?", 1, "7"), PromptTurn("And the colour?", 0, "red")]
     ids, labels = encode_conversation(model, turns)
     learnt = model.processor.tokenizer.decode([i for i, y in zip(ids, labels) if y != IGNORE_INDEX])
     assert learnt.replace(" ", "") == "7</s>red</s>"
     assert all(y == IGNORE_INDEX or y == i for i, y in zip(ids, labels))
     got = llava_turns([{"from": "human", "value": "<image>\nWhat digit?"}, {"from": "gpt", "value": "3"}])
-    assert got == [Turn("What digit?", 1, "3")]
+    assert got == [PromptTurn("What digit?", 1, "3")]
 
 
 def test_a_few_steps_lower_the_loss_then_resume(tmp_path, tiny_checkpoint):
@@ -83,7 +83,7 @@ def test_hr_pretraining_crops_are_token_windows_around_the_digit():
 
 
 def test_conversations_name_their_pictures_as_the_engine_does():
-    from mini_gemini.chat.templates import build_prompt
+    from mini_gemini.modeling.chat_template import build_prompt
     from mini_gemini.training.conversations import CHATTER_ANSWER, chat_sample
     model = build_tiny("vicuna")
     a, b = chat_sample(3, 5), chat_sample(3, 5)

@@ -187,8 +187,7 @@ def test_stop_texts_cut_the_answer_as_the_built_in_engine_does(served, family):
     stop = next(w for w in words[len(words) // 2:] if len(w) >= 2 and full.find(w) > 0)
     results = []
     for eng in (Engine(model), Engine(model, llm_server=server.url)):
-        eng.stop_texts = eng.stop_texts + (stop,)
-        results.append(_conversation(eng, turns, GenOptions(temperature=0, max_new_tokens=40))[0])
+        results.append(_conversation(eng, turns, GenOptions(temperature=0, max_new_tokens=40, stop=(stop,)))[0])
     assert results[0] == results[1]
     assert results[1][0][1] == full[:full.find(stop)].rstrip() and stop not in results[1][0][1]
 
@@ -261,8 +260,7 @@ def _stop_after_three_deltas(eng, server, long):
 def test_stop_mid_answer_aborts_the_request_on_the_server(served, family):
     model, server = served[family]
     eng = Engine(model, llm_server=server.url)
-    eng.stop_ids = []  # nothing ends the answer but Stop (or max_new_tokens)
-    long = GenOptions(temperature=0, max_new_tokens=LONG)
+    long = GenOptions(temperature=0, max_new_tokens=LONG, ignore_eos=True)  # nothing ends it but Stop (or LONG)
     # On a saturated CPU vLLM's engine process can write the whole answer before its API process streams the
     # first token (seen on 2 cores: first delta after ~11 s, all 8000 tokens made); then no Stop can abort
     # anything. So up to 3 tries: one must end with the request dropped early; if none does, the test fails

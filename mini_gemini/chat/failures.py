@@ -4,14 +4,6 @@ from __future__ import annotations
 import torch
 
 
-class ImageProblem(Exception):
-    """An input image of this turn cannot be used; `kind` is a short tag for API clients."""
-
-    def __init__(self, message: str, kind: str):
-        super().__init__(message)
-        self.kind = kind
-
-
 class DoesNotFit(Exception):
     """The message does not fit the model's context even on its own."""
 

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ..constants import IMAGE_PROMPT_CLOSE, IMAGE_PROMPT_OPEN
 from ..imagegen import ImageGenError, extract_image_prompt
 from .failures import explain, free_memory
-from .generation import items
+from .kv_store import cache_units
+from .run import Request
 from .types import Event, GenOptions, Note, Turn
 
 if TYPE_CHECKING:
@@ -38,22 +40,21 @@ def write_image_prompt(session: ChatSession, turn: Turn, ids, images, options: G
     own unclosed one, so that the LLM itself writes the image prompt (small checkpoints often skip
     the tag). Returns the prompt, or None when no image is to be drawn."""
     eng = session.engine
-    tok = eng.model.processor.tokenizer
+    detok = eng.detokenizer
     answer = turn.assistant
     unclosed = answer.rfind(IMAGE_PROMPT_OPEN) > answer.rfind(IMAGE_PROMPT_CLOSE)  # cut off mid-prompt
-    with eng._tok_lock:
-        opener = [] if unclosed else tok(IMAGE_PROMPT_OPEN, add_special_tokens=False).input_ids
-        head = tok.decode(turn.token_ids + opener, skip_special_tokens=True).strip()
-        specials = sorted(set(tok.all_special_ids))
+    opener = [] if unclosed else detok.text_ids(IMAGE_PROMPT_OPEN)
+    head = detok.decode(turn.token_ids + opener).strip()
     lead = head[len(answer):] if head.startswith(answer) else \
         "" if unclosed else (" " if answer else "") + IMAGE_PROMPT_OPEN
     cont = ids + turn.token_ids + opener
-    room = eng.max_context - len(items(cont, images))
+    room = eng.max_context - len(cache_units(cont, images))
     if room >= 2:
         # special tokens are suppressed: the model cannot end its turn before it closed the prompt
-        run = eng.start_run(session, cont, images, options, min(MAX_IMAGE_PROMPT_TOKENS, room), lstrip=False,
-                            anchor=turn.token_ids + opener,
-                            stop_texts=(IMAGE_PROMPT_CLOSE,), extra=dict(suppress_tokens=specials))
+        request = Request(cont, images, options, min(MAX_IMAGE_PROMPT_TOKENS, room), stop_texts=(IMAGE_PROMPT_CLOSE,),
+                          suppress_tokens=detok.special_ids, lstrip=False, anchor=tuple(turn.token_ids + opener),
+                          owner=session.cache_owner)
+        run = eng.start_run(request, session.cancel_event)
         started = False
         try:
             for delta in run:
@@ -68,9 +69,8 @@ def write_image_prompt(session: ChatSession, turn: Turn, ids, images, options: G
             run.abort()
             turn.cancelled = True
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - the run took the conversation's cache: nothing stale is kept
             run.abort()
-            session.kv = None
             free_memory(e)
             turn.notes.append(Note("image_prompt", f"Could not write an image prompt: {explain(e)}"))
             yield Event("notice", turn.notes[-1])
@@ -79,7 +79,7 @@ def write_image_prompt(session: ChatSession, turn: Turn, ids, images, options: G
         if wrote:
             turn.token_ids = turn.token_ids + opener + run.ids
             turn.assistant = answer + lead + run.text
-        if session._cancel.is_set():
+        if session.cancel_event.is_set():
             turn.cancelled = True
             turn.notes.append(Note("stopped", "stopped"))
             yield Event("notice", "Stopped; no image was drawn.")
@@ -110,7 +110,7 @@ def draw(session: ChatSession, turn: Turn, prompt: str, options: GenOptions) -> 
     gone = threading.Event()
 
     def report(fraction, message=""):
-        if gone.is_set() or session._cancel.is_set():
+        if gone.is_set() or session.cancel_event.is_set():
             raise _Stopped("stopped")
         events.put(("progress", fraction, message))
 
@@ -148,7 +148,7 @@ def draw(session: ChatSession, turn: Turn, prompt: str, options: GenOptions) -> 
     if kind == "image":
         turn.generated_image = value
         yield Event("image", turn.image_prompt, value)
-    elif session._cancel.is_set():
+    elif session.cancel_event.is_set():
         turn.cancelled = True
         turn.notes.append(Note("stopped", "Image generation stopped; the text answer is kept."))
         yield Event("notice", turn.notes[-1])

@@ -31,19 +31,13 @@ import base64
 import io
 import json
 import os
-import queue
 import threading
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import MGMError
-from .generation import AnswerText, items
-from .types import GenOptions, ImageEntry
-
-if TYPE_CHECKING:
-    from .session import ChatSession
+from .detokenizer import Detokenizer
+from .run import Request, Run
 
 
 class LLMServerError(MGMError, RuntimeError):
@@ -105,78 +99,80 @@ def encode_embeds(embeds: torch.Tensor) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-class RemoteRun:
-    """One answer from the vLLM server, with `LLMRun`'s interface: iterate it for text deltas; then `ids`,
-    `text` and `cached` hold the answer. `abort()` closes the connection (vLLM then drops the request)."""
+class RemoteRun(Run):
+    """One answer from the vLLM server (a `Run`): a worker thread sends the request and delivers the streamed
+    token ids; Stop, a stop text or a consumer that leaves close the connection (vLLM then drops the request).
 
-    def __init__(self, session: ChatSession, ids: list[int], images: list[ImageEntry], options: GenOptions,
-                 max_new: int, *, stop_texts: tuple[str, ...] = (), extra: dict | None = None,
-                 lstrip: bool = True, anchor: list[int] = ()):
-        self.session, self.engine = session, session.engine
-        self.server: LLMServer = session.engine.llm_server
-        self.prompt_ids, self.images, self.options, self.max_new = ids, images, options, max_new
-        self.items = items(ids, images)
-        self.extra = dict(extra or {})
-        unknown = set(self.extra) - {"suppress_tokens"}
-        if unknown:
-            raise ValueError(f"RemoteRun cannot pass {sorted(unknown)} to the LLM server")
-        self.answer = AnswerText(session.engine, stop_texts, lstrip, anchor)
-        self.halt = threading.Event()   # set when the consumer left or a stop text was written
-        self.ids: list[int] = []
-        self.text = ""
-        self.cached = 0
-        self.finish_reason: str | None = None
-        self._result: list[int] = []
-        self._error: BaseException | None = None
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+    Args:
+        request: what to write (`suppress_tokens` become a logit bias).
+        detokenizer, cancel: as for every `Run`.
+        server: the `LLMServer`.
+        embed: the function that turns the prompt into its (L, D) embeddings (`ModelRunner.embed`).
+        stop_ids: token ids that end the answer.
+        top_k: the LLM's generation-config top-k, applied when sampling as transformers' generate applies it.
+        on_max_model_len: called with the server's context length once it is known.
+    """
+
+    def __init__(self, request: Request, detokenizer: Detokenizer, cancel: threading.Event, server: LLMServer,
+                 embed, stop_ids, top_k: int | None = None, on_max_model_len=None):
+        super().__init__(request, detokenizer, cancel)
+        self.server, self.embed, self.stop_ids, self.top_k = server, embed, list(stop_ids), top_k
+        self.on_max_model_len = on_max_model_len
         self._response = None
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._work, daemon=True, name=f"mgm-remote-{session.id[:8]}")
-        self._finished = False
+        self._thread = threading.Thread(target=self._work, daemon=True, name="mgm-remote")
 
-    def request(self, embeds: torch.Tensor) -> dict:
-        """The /v1/completions body for these (1, L, D) embeddings."""
-        o, eng = self.options, self.engine
+    def start(self) -> int:
+        self._thread.start()
+        return 0
+
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
+
+    def body(self, embeds: torch.Tensor) -> dict:
+        """The /v1/completions body for these (L, D) embeddings."""
+        req = self.request
+        o = req.options
         body = {"model": self.server.model(), "prompt_embeds": encode_embeds(embeds),
-                "max_tokens": int(self.max_new), "stream": True, "stream_options": {"include_usage": True},
-                "return_token_ids": True, "ignore_eos": True, "stop_token_ids": list(eng.stop_ids),
+                "max_tokens": int(req.max_new), "stream": True, "stream_options": {"include_usage": True},
+                "return_token_ids": True, "ignore_eos": True,
+                "stop_token_ids": [] if o.ignore_eos else list(self.stop_ids),
                 "skip_special_tokens": True}
         if o.temperature > 0:
-            gen_cfg = getattr(eng.model.llm, "generation_config", None)
-            top_k = getattr(gen_cfg, "top_k", None)  # transformers' generate applies it too (default 50)
-            body.update(temperature=float(o.temperature), top_p=float(o.top_p), top_k=int(top_k or -1))
+            body.update(temperature=float(o.temperature), top_p=float(o.top_p), top_k=int(self.top_k or -1))
             if o.seed is not None:
                 body["seed"] = int(o.seed)
         else:
             body.update(temperature=0.0, top_p=1.0, top_k=-1)
-        if self.extra.get("suppress_tokens"):
-            body["logit_bias"] = {str(int(t)): -100.0 for t in self.extra["suppress_tokens"]}
+        if req.suppress_tokens:
+            body["logit_bias"] = {str(int(t)): -100.0 for t in req.suppress_tokens}
         return body
 
     # worker thread: the HTTP stream
     def _work(self):
-        s = self.session
+        error, cached = None, 0
         try:
-            if self.halt.is_set() or s._cancel.is_set():
+            if self.halted:
                 return
+            req = self.request
             with torch.no_grad():
-                embeds = self.engine.model.embed(self.prompt_ids, [im.tokens for im in self.images])
-            body = self.request(embeds)
+                embeds = self.embed(req.prompt_ids, [im.tokens for im in req.images])
+            body = self.body(embeds)
             del embeds
-            if self.server.max_model_len:  # known now if the server was down when the engine was made
-                self.engine.max_context = min(self.engine.max_context, int(self.server.max_model_len))
+            if self.server.max_model_len and self.on_max_model_len is not None:  # known now if it was down before
+                self.on_max_model_len(int(self.server.max_model_len))
             threading.Thread(target=self._watch, daemon=True, name="mgm-remote-watch").start()
-            self._stream(body)
+            cached = self._stream(body)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            if not (self.halt.is_set() or s._cancel.is_set()):  # a closed connection after Stop is no error
-                self._error = e
+            if not self.halted:  # a closed connection after Stop is no error
+                error = e
         finally:
-            self._done.set()
-            self._queue.put(None)
+            self.finish(error, cached)
 
-    def _stream(self, body: dict):
+    def _stream(self, body: dict) -> int:
+        """Deliver the streamed ids; returns the prompt positions the server had cached (when it says)."""
         import httpx
-        s, server = self.session, self.server
+        server, cached = self.server, 0
         try:
             with server.client.stream("POST", "/v1/completions", content=json.dumps(body),
                                       headers={"Content-Type": "application/json"}) as r:
@@ -184,40 +180,35 @@ class RemoteRun:
                 if r.status_code != 200:
                     raise LLMServerError(_refusal(server, r))
                 for line in r.iter_lines():
-                    if self.halt.is_set() or s._cancel.is_set():
-                        return  # leaving the block closes the connection: vLLM aborts the request
+                    if self.halted:
+                        return cached  # leaving the block closes the connection: vLLM aborts the request
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
                     if data == "[DONE]":
-                        return
+                        return cached
                     event = json.loads(data)
                     if event.get("error"):
                         raise LLMServerError(f"The LLM server failed: {event['error'].get('message', event['error'])}")
                     usage = event.get("usage") or {}
-                    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-                    if cached:
-                        self.cached = int(cached)
+                    cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or cached)
                     for choice in event.get("choices") or ():
                         new = choice.get("token_ids") or []
                         if new:
-                            self._result.extend(new)
-                            self._queue.put(list(new))
-                        if choice.get("finish_reason"):
-                            self.finish_reason = choice["finish_reason"]
+                            self.deliver(list(new))
         except httpx.HTTPError as e:
-            if self.halt.is_set() or s._cancel.is_set():
-                return
+            if self.halted:
+                return cached
             raise LLMServerError(f"Lost the LLM server at {server.url} ({type(e).__name__}: {e}).") from e
         finally:
             self._response = None
+        return cached
 
     def _watch(self):
         """Close the connection as soon as Stop is pressed or a stop text was written, even while the server
         sends nothing (e.g. the request still waits in vLLM's queue)."""
-        s = self.session
-        while not self._done.wait(0.05):
-            if self.halt.is_set() or s._cancel.is_set():
+        while not self.wait_done(0.05):
+            if self.halted:
                 r = self._response
                 if r is not None:
                     try:
@@ -225,47 +216,6 @@ class RemoteRun:
                     except Exception:  # noqa: BLE001 - the worker notices either way
                         pass
                 return
-
-    def _chunks(self) -> Iterator[list[int]]:
-        while True:
-            ids = self._queue.get()
-            more = [ids]
-            while ids is not None:
-                try:
-                    ids = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                more.append(ids)
-            flat = [i for chunk in more if chunk is not None for i in chunk]
-            if flat:
-                yield flat
-            if more[-1] is None:
-                return
-
-    # consumer side
-    def __iter__(self) -> Iterator[str]:
-        self._thread.start()
-        yield from self.answer.deltas(self._chunks(), self.halt)
-        self._finish()
-        yield from self.answer.rest(self.text)
-
-    def _finish(self):
-        if self._finished:
-            return
-        self._thread.join()
-        self._finished = True
-        if self._error is not None:
-            raise self._error
-        self.ids, self.text = self.answer.settle(self._result)
-
-    def abort(self):
-        """Stop the request (the consumer left or failed) and settle `ids` / `text` from what came."""
-        self.halt.set()
-        if self._thread.is_alive() or self._thread.ident is not None:
-            try:
-                self._finish()
-            except Exception:  # noqa: BLE001 - the run is being abandoned anyway
-                pass
 
 
 def _refusal(server: LLMServer, r) -> str:

@@ -1,7 +1,12 @@
 """A conversation: its turns and images, one turn at a time, streamed as `Event`s.
 
+The session owns its history (`turns`), its Stop button (`cancel`) and its turn lock; answering a turn is
+`answer.respond`, images of a new turn are `turn_images`, the text in them `turn_ocr`. Everything it derives
+from the history (the turns the model sees, the images' numbers) is recomputed from the history, so that
+Undo, Regenerate, Clear, Stop and errors leave it exactly as if the remaining history had been built afresh.
+
 Locks (always taken in this order): the session's turn lock (one turn at a time per conversation) -> the
-engine's compute lock (one model run at a time) -> the engine's state lock (bookkeeping only).
+model runner's lock (one model run at a time) -> bookkeeping locks held for microseconds (sessions, caches).
 """
 from __future__ import annotations
 
@@ -9,13 +14,13 @@ import contextlib
 import dataclasses
 import os
 import threading
-from typing import TYPE_CHECKING, Callable, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ..errors import ImageError, SessionBusyError
-from ..inputs.images import LoadedImage, load_image
-from . import context, image_turn
-from .failures import DoesNotFit, explain, free_memory, is_oom
-from .generation import LLMRun
+from ..inputs.images import LoadedImage
+from . import answer, turn_images, turn_ocr
+from .kv_store import CacheOwner
 from .types import ABOUT_MESSAGE, MAX_USER_CHARS, Event, GenOptions, ImageEntry, Note, Turn, clean_text
 
 if TYPE_CHECKING:
@@ -29,20 +34,40 @@ class _Busy(Exception):
 
 
 class ChatSession:
-    def __init__(self, engine: Engine, session_id: str):
+    """One conversation over an `Engine`'s model (made by `Engine.session(id)`).
+
+    Attributes:
+        id: the session id.
+        turns: the history (`Turn`s), oldest first; read it, change it only through the methods below.
+        cache_owner: the key of this conversation's KV cache in the engine's store (a new one after Clear);
+            None for a stateless session (`Engine.stateless_session`): its answers share caches by prompt prefix.
+    """
+
+    def __init__(self, engine: Engine, session_id: str, *, expired: bool = False, stateless: bool = False):
         self.engine, self.id = engine, session_id
         self.turns: list[Turn] = []
-        self.kv = None                  # (DynamicCache, items it covers) or None
-        self.dropped = 0                # oldest turns left out of the prompt to fit the context
+        self.stateless = stateless
+        self.cache_owner = None if stateless else CacheOwner(session_id)
         self._cancel = threading.Event()
         self._busy = threading.Lock()   # one turn at a time
         self._closed = False
-        self._expired = False           # closed by the engine's LRU, not by the user
+        self._expired = expired         # dropped by the engine's LRU before: the next turn says so
 
     # ---- history --------------------------------------------------------------------------------
     @property
     def images(self) -> list[ImageEntry]:
+        """Every image of the conversation, in order (Image 1, Image 2, ...)."""
         return [im for t in self.turns for im in t.images]
+
+    @property
+    def dropped(self) -> int:
+        """How many of the oldest turns the model no longer saw in the last answer (to fit its context)."""
+        return self.turns[-1].window_start if self.turns else 0
+
+    @property
+    def cancel_event(self) -> threading.Event:
+        """Set while Stop is pressed for the turn in progress (runs stop at their next step)."""
+        return self._cancel
 
     def snapshot(self) -> list[Turn]:
         """The history, safe to hand to another process (ZeroGPU workers): visual tokens moved to the CPU."""
@@ -53,14 +78,16 @@ class ChatSession:
     def adopt(self, turns: list[Turn]) -> None:
         """Take over a history made elsewhere (`snapshot` of the same conversation in another process).
         The KV cache is dropped: it described the old history."""
-        self.turns, self.kv = list(turns), None
+        self.turns = list(turns)
+        self._new_cache_owner()
 
     def cancel(self):
         """Stop the answer being written (the partial answer is kept) or the image being drawn."""
         self._cancel.set()
 
     def undo(self) -> Turn | None:
-        """Remove the last turn (a turn in progress is stopped first)."""
+        """Remove the last turn (a turn in progress is stopped first). The KV cache stays: the turns before are
+        still a prefix of it."""
         with self._exclusive():
             return self.turns.pop() if self.turns else None
 
@@ -69,20 +96,28 @@ class ChatSession:
         with self._exclusive():
             self._reset()
 
-    def close(self):
-        """End the session: stop any turn and free history, images and KV cache (no waiting)."""
+    def close(self, expired: bool = False):
+        """End the session: stop any turn and free history, images and KV cache (no waiting). `expired`: closed
+        by the engine's LRU (its next turn, if any, says so)."""
         self._closed = True
+        self._expired = self._expired or expired
         self.cancel()
         if self._busy.acquire(blocking=False):
             try:
                 self._reset()
             finally:
                 self._busy.release()
-        # else: the running turn resets the session when it ends
-        self.engine._forget(self)
+        else:  # the running turn resets the session when it ends
+            self._new_cache_owner()
 
     def _reset(self):
-        self.turns, self.kv, self.dropped = [], None, 0
+        self.turns = []
+        self._new_cache_owner()
+
+    def _new_cache_owner(self):
+        if self.cache_owner is not None:
+            self.engine.kv_store.drop(self.cache_owner)
+            self.cache_owner = CacheOwner(self.id)
 
     @contextlib.contextmanager
     def _exclusive(self):
@@ -105,8 +140,20 @@ class ChatSession:
         finally:
             if self._closed:  # closed while this turn ran: free everything now
                 self._reset()
-                self.engine._forget(self)
             self._busy.release()
+
+    def _open(self) -> list[Event]:
+        """Start a turn on this session: registered with the engine again if it was closed; the notice to give
+        when it had expired."""
+        notices = []
+        if self._expired:
+            self._expired = False
+            notices.append(Event("notice", "This conversation had expired (the server keeps a limited number) "
+                                           "and starts afresh."))
+        self._closed = False
+        if not self.stateless:
+            self.engine.touch(self)
+        return notices
 
     # ---- a turn ---------------------------------------------------------------------------------
     def chat(self, text: str, images=(), *, generate_image: bool = False,
@@ -118,7 +165,7 @@ class ChatSession:
             images: paths, bytes, file objects or PIL images (decoded by `inputs.images.load_image`), or
                 `LoadedImage`s a caller has decoded already (`prepare_images`).
             generate_image: ask for an image (" <GEN>" is added, as the official demo does; SDXL draws it).
-            options: sampling, length, OCR and image-generation options (`GenOptions`, made valid first).
+            options: sampling, length, stop strings, OCR and image-generation options (`GenOptions`, made valid).
 
         Yields:
             `Event`s: "notice" (a `Note`), "delta" (answer text), "progress" (image drawing, fraction in
@@ -158,6 +205,7 @@ class ChatSession:
             with self._turn_lock():
                 if not self.turns:
                     return
+                yield from self._open()
                 turn = self.turns[-1]
                 saved = dataclasses.replace(turn, notes=list(turn.notes))
 
@@ -172,27 +220,20 @@ class ChatSession:
                 turn.ocr = options.ocr
                 turn.notes = [n for n in turn.notes if getattr(n, "kind", None) in ABOUT_MESSAGE  # still true
                               or (turn.ocr and getattr(n, "kind", None) == "ocr")]
-                self.engine._touch(self)
-                for n in self._read_texts(turn):
+                for n in turn_ocr.read_for_turn(self, turn):
                     yield Event("notice", n)
-                yield from self._respond(turn, options, restore)
+                yield from answer.respond(self, turn, options, restore)
         except _Busy:
             yield Event("error", "This conversation is still answering; wait for it to finish or press Stop.", "busy")
 
     def _chat(self, text: str, images: list, generate_image: bool, options: GenOptions) -> Iterator[Event]:
-        eng = self.engine
-        self._closed = False
-        if self._expired:  # dropped by the LRU (this object, or an earlier one with the same id)
-            self._expired = False
-            yield Event("notice", "This conversation had expired (the server keeps a limited number) and "
-                                  "starts afresh.")
-        eng._touch(self)
+        yield from self._open()
         notes = []
         if len(text) > MAX_USER_CHARS:
             text = text[:MAX_USER_CHARS]
             notes.append(Note("message", f"Your message was cut to its first {MAX_USER_CHARS:,} characters."))
         try:
-            entries = self._images(images)
+            entries = turn_images.encode(self.engine, self.prepare_images(images), self.images)
         except ImageError as e:
             yield Event("error", str(e), e.kind)
             return
@@ -203,14 +244,14 @@ class ChatSession:
         for n in notes:
             yield Event("notice", n)
         self.turns.append(turn)
-        for n in self._read_texts(turn):  # GenOptions.ocr: the images' text, read before the prompt is built
+        for n in turn_ocr.read_for_turn(self, turn):  # GenOptions.ocr: the images' text, read before the prompt
             yield Event("notice", n)
 
         def restore():
             if self.turns and self.turns[-1] is turn:
                 self.turns.pop()
 
-        yield from self._respond(turn, options, restore)
+        yield from answer.respond(self, turn, options, restore)
 
     def prepare_images(self, sources) -> list[LoadedImage]:
         """Check and decode the images of a new turn, before anything is encoded.
@@ -226,54 +267,8 @@ class ChatSession:
             ImageError: too many images, or a file that cannot be used; the message names the image
                 ("Image 2 of 3: ...") and says what to do, `kind` tags it.
         """
-        eng = self.engine
-        sources = _as_list(sources)
-        if not sources:
-            return []
-        if len(self.images) + len(sources) > eng.images_per_session:
-            raise ImageError(f"This conversation can hold at most {eng.images_per_session} images; clear it "
-                             "to start a new one." if len(sources) <= eng.images_per_session else
-                             f"Send at most {eng.images_per_session} images at once.", "too_many")
-        if len(sources) * eng.tokens_per_image + 16 > eng.max_context:
-            raise ImageError(f"Too many images for the model's context: each takes {eng.tokens_per_image} "
-                             f"tokens of {eng.max_context}. Send fewer images at once.", "too_many")
-        loaded = []
-        for k, src in enumerate(sources):
-            where = f"Image {k + 1} of {len(sources)}: " if len(sources) > 1 else ""
-            if isinstance(src, LoadedImage):  # decoded (and hashed) by the caller already: not again
-                loaded.append(src)
-                continue
-            try:
-                loaded.append(load_image(src))
-            except ImageError as e:
-                raise ImageError(where + str(e), e.kind) from e
-            except MemoryError as e:
-                raise ImageError(where + "The image is too large to decode here. Please send a smaller "
-                                 "one.", "too_many_pixels") from e
-            except Exception as e:  # noqa: BLE001 - e.g. a source of a type nobody expected
-                raise ImageError(f"{where}Could not read the image ({type(e).__name__}). Please send a "
-                                 "PNG, JPEG, WebP, GIF or BMP file.", "unreadable") from e
-        return loaded
+        return turn_images.prepare(self.engine, _as_list(sources), len(self.images))
 
-    def _images(self, sources: list) -> list[ImageEntry]:
-        eng = self.engine
-        loaded = self.prepare_images(sources)
-        known = {im.key: im for im in self.images}
-        entries = []
-        for li in loaded:
-            im = known.get(li.key)
-            if im is None:  # a picture new to this conversation: encode it (once)
-                try:
-                    tokens, attn, gain = eng.encode(li.image)
-                except Exception as e:  # noqa: BLE001
-                    free_memory(e)
-                    raise ImageError(explain(e), "oom" if is_oom(e) else "internal") from e
-                im = ImageEntry(li.key, li.image, tokens, attn, gain)
-                known[li.key] = im
-            entries.append(ImageEntry(im.key, im.image, im.tokens, im.attn, im.gain, list(li.notes), ocr=im.ocr))
-        return entries
-
-    # ---- OCR --------------------------------------------------------------------------------------
     def read_text(self) -> list:
         """The text in every image of the conversation, in the order of `images` (Image 1, 2, ...): one
         `inputs.ocr.OcrResult` each (lines with text, confidence and box = 4 (x, y) points in pixels of
@@ -282,116 +277,8 @@ class ChatSession:
         Raises inputs.ocr.OcrUnavailable (message with the install line) without the `ocr` extra.
         """
         images = self.images
-        self._ocr_pending(images)
+        turn_ocr.read_pending(self, images)
         return [im.ocr for im in images]
-
-    def _ocr_pending(self, images: list[ImageEntry], cancel: threading.Event | None = None) -> list[Note]:
-        """Read the pictures among `images` that have no OCR result yet; notes name each picture by its
-        number in the conversation. OcrUnavailable propagates; other failures become notes (and an empty
-        result, so a broken picture is not read again every turn)."""
-        from ..inputs.ocr import OcrResult, OcrUnavailable
-
-        everything = self.images
-        pending: dict[str, ImageEntry] = {}
-        for im in images:
-            if im.ocr is None:
-                pending.setdefault(im.key, im)
-        notes = []
-        for key, im in pending.items():
-            if cancel is not None and cancel.is_set():
-                break
-            number = next((k + 1 for k, e in enumerate(everything) if e.key == key), 0)
-            try:
-                result = self.engine.read_text(im.image)
-            except OcrUnavailable:
-                raise
-            except Exception as e:  # noqa: BLE001 - the answer goes on without this picture's text
-                result = OcrResult()
-                notes.append(Note("ocr", f"Image {number}: its text could not be read (OCR failed: "
-                                         f"{type(e).__name__})."))
-            else:
-                n = len(result.lines)
-                found = f"{n} line{'s' if n != 1 else ''} of text read" if n else "no text found"
-                cut = (" Only its first lines go into the message (too much text for the prompt)."
-                       if result.truncated else "")
-                notes.append(Note("ocr", f"Image {number}: {found} (OCR, {result.seconds:.2f} s).{cut}"))
-            for e in everything + images:
-                if e.key == key:
-                    e.ocr = result
-        return notes
-
-    def _read_texts(self, turn: Turn) -> list[Note]:
-        """For a turn with `ocr`: read the images the prompt holds up to this turn (not read yet), add the
-        notes to the turn and return them. Never fails the turn: without the OCR extra, a note says so."""
-        if not turn.ocr:
-            return []
-        upto = next((i for i, t in enumerate(self.turns) if t is turn), len(self.turns) - 1)
-        images = [im for t in self.turns[min(self.dropped, upto):upto + 1] for im in t.images]
-        try:
-            notes = self._ocr_pending(images, self._cancel)
-        except Exception as e:  # noqa: BLE001 - OcrUnavailable, or the engine failing to load
-            notes = [Note("ocr", f"{e} The message goes without the images' text.")]
-        turn.notes += notes
-        return notes
-
-    # ---- generation -----------------------------------------------------------------------------
-    def _respond(self, turn: Turn, options: GenOptions, restore: Callable[[], None]) -> Iterator[Event]:
-        dropped = self.dropped
-
-        def fail(message: str, kind: str) -> Event:
-            restore()
-            self.dropped, self.kv = dropped, None
-            return Event("error", message, kind)
-
-        try:
-            try:
-                prompt, ids, images, max_new, notices = context.fit(self, turn, options)
-            except DoesNotFit as e:
-                yield fail(str(e), "too_long")
-                return
-            except Exception as e:  # noqa: BLE001
-                yield fail(explain(e), "internal")
-                return
-            turn.prompt, turn.prompt_ids = prompt.text, list(ids)
-            for n in notices:
-                turn.notes.append(n)
-                yield Event("notice", n)
-
-            run = self.engine.start_run(self, ids, images, options, max_new, stop_texts=self.engine.stop_texts)
-            try:
-                for delta in run:  # text, or a notice (e.g. the place in the queue)
-                    yield delta if isinstance(delta, Event) else Event("delta", delta)
-            except GeneratorExit:  # the consumer went away (client disconnected): stop the model
-                run.abort()
-                self._settle(turn, run, stopped=True)
-                raise
-            except Exception as e:  # noqa: BLE001 - any failure must leave the history usable
-                run.abort()
-                free_memory(e)
-                yield fail(explain(e), "oom" if is_oom(e) else "internal")
-                return
-            self._settle(turn, run)
-            if turn.cancelled:
-                yield Event("notice", "Stopped; the partial answer is kept.")
-            elif turn.want_image:
-                try:
-                    yield from image_turn.generate_image(self, turn, ids, images, options)
-                except GeneratorExit:
-                    raise
-                except Exception as e:  # noqa: BLE001 - the text answer stays whatever happens here
-                    turn.notes.append(Note("imagegen", f"Image generation failed: {explain(e)} The text answer is kept."))
-                    yield Event("notice", turn.notes[-1])
-            yield Event("done", data=turn)
-        finally:
-            if turn.assistant is None:  # left before any answer existed: as if the turn never started
-                restore()
-
-    def _settle(self, turn: Turn, run: LLMRun, stopped: bool = False):
-        turn.token_ids, turn.assistant, turn.cached_tokens = run.ids, run.text, run.cached
-        if stopped or self._cancel.is_set():
-            turn.cancelled = True
-            turn.notes.append(Note("stopped", "stopped"))
-
 
 
 def _as_list(images) -> list:
@@ -402,4 +289,3 @@ def _as_list(images) -> list:
             or hasattr(images, "read"):
         return [images]
     return list(images)
-

@@ -8,9 +8,7 @@ import dataclasses
 import math
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # annotations only: the records import without torch
     import torch
@@ -21,6 +19,7 @@ MAX_USER_CHARS = 16_000       # longer messages are cut (with a notice) before a
 # 0.01 is a factor e**100), so every temperature below it is greedy decoding, with a wide margin.
 MIN_TEMPERATURE = 1e-4
 MAX_IMAGE_SIDE = 4096         # generated images: wider or taller requests are clamped (SDXL's native is 1024)
+MAX_STOP, MAX_STOP_CHARS = 16, 256   # user stop strings kept per request, and their length (OpenAI allows 4)
 
 
 class Note(str):
@@ -28,12 +27,13 @@ class Note(str):
 
     Kinds: "image" (an input image: EXIF applied, frame used, ...), "message" (the user's text was cut),
     "context" (old turns left out), "stopped", "expired", "imagegen" (image generation), "image_prompt",
-    "ocr" (text read in the images for the message: lines found and seconds taken, or why not).
+    "ocr" (text read in the images for the message: lines found and seconds taken, or why not), "queue" (the
+    place in the queue), "task" (the question or picture is outside what the model was trained for).
     Notes of kinds in `ABOUT_MESSAGE` describe the user's message and stay true when the answer is redone.
     """
     kind: str
 
-    def __new__(cls, kind: str, text: str) -> "Note":
+    def __new__(cls, kind: str, text: str) -> Note:
         note = super().__new__(cls, text)
         note.kind = kind
         return note
@@ -64,8 +64,12 @@ class GenOptions:
     # OCR assist (official demo's "Use OCR"): read the text in the images (once per image per session) and
     # append it to the user's message as "Reference OCR Token: ..."; needs the `ocr` extra (inputs/ocr.py)
     ocr: bool = False
+    # texts that end the answer where they first appear (not shown), besides the template's own (OpenAI `stop`)
+    stop: tuple[str, ...] = ()
+    # write max_new_tokens tokens whatever the model writes (benchmarks; vLLM's and OpenAI servers' `ignore_eos`)
+    ignore_eos: bool = False
 
-    def checked(self) -> "GenOptions":
+    def checked(self) -> GenOptions:
         """A copy with every value in its valid range (sliders and API callers send anything).
 
         Every value is accepted and made one that works; nothing is refused:
@@ -77,7 +81,9 @@ class GenOptions:
           float32 to inf (and 5e-324 is 0 in float32: a division by zero), so the probabilities become
           NaN; greedy is what sampling tends to as the temperature goes to 0;
         - seeds are integers taken modulo 2**64 (what torch's generators accept); non-numbers give None;
-        - `ocr` is a bool: the strings "1", "true", "yes", "on" (any case) are True, other strings False.
+        - `ocr` is a bool: the strings "1", "true", "yes", "on" (any case) are True, other strings False;
+        - `stop`: a string or a list of strings; empty strings and non-strings are left out, at most MAX_STOP
+          strings of at most MAX_STOP_CHARS characters each are kept.
         """
         def num(x, lo, hi, default, cast=float):
             try:
@@ -108,7 +114,18 @@ class GenOptions:
             steps=num(self.steps, 1, 500, 30, int), guidance=num(self.guidance, 0.0, 50.0, 5.0),
             image_seed=opt_int(self.image_seed, modulo=1 << 64),
             width=opt_int(self.width, 8, MAX_IMAGE_SIDE), height=opt_int(self.height, 8, MAX_IMAGE_SIDE),
-            ocr=self.ocr.strip().lower() in ("1", "true", "yes", "on") if isinstance(self.ocr, str) else bool(self.ocr))
+            ocr=self.ocr.strip().lower() in ("1", "true", "yes", "on") if isinstance(self.ocr, str) else bool(self.ocr),
+            stop=_stop_strings(self.stop), ignore_eos=self.ignore_eos is True)
+
+
+def _stop_strings(stop) -> tuple[str, ...]:
+    if isinstance(stop, str):
+        stop = (stop,)
+    try:
+        items = list(stop or ())
+    except TypeError:
+        return ()
+    return tuple(dict.fromkeys(s[:MAX_STOP_CHARS] for s in items if isinstance(s, str) and s))[:MAX_STOP]
 
 
 @dataclass(eq=False)  # identity, not field, equality: entries hold tensors
@@ -139,6 +156,9 @@ class Turn:
     prompt_ids: list[int] = field(default_factory=list)  # the prompt's ids, image slots as IMAGE_TOKEN_INDEX
     cached_tokens: int = 0            # prompt positions served from the KV cache (not prefilled again)
     ocr: bool = False                 # the message carries the images' text ("Reference OCR Token", GenOptions.ocr)
+    # the index of the oldest turn the model saw when it wrote this answer (older ones were left out to fit the
+    # context); the next turn's window starts from here, so the window is a function of the history alone
+    window_start: int = 0
 
 
 @dataclass

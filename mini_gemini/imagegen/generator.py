@@ -358,8 +358,9 @@ class ImageGenerator:
             height = _round8(height if height is not None else native)
             seed = secrets.randbelow(2**31) if seed is None else int(seed)
             self.last_seed = seed
-            # The noise is drawn on the device the UNet runs on (the GPU also under CPU offload).
-            generator = torch.Generator(device=pipe._execution_device).manual_seed(seed)
+            # The noise is drawn on the CPU (diffusers moves it to the UNet's device): the same seed gives the same
+            # picture on any device, with or without CPU offload.
+            generator = torch.Generator(device="cpu").manual_seed(seed)
 
             def on_step_end(_pipe, step, _timestep, callback_kwargs):
                 total = getattr(_pipe, "num_timesteps", None) or steps

@@ -149,27 +149,49 @@ def _split(url: str) -> tuple[str, str, int, str]:
     return scheme, host, port or (443 if scheme == "https" else 80), target
 
 
+def _connect_first(ips: list[str], port: int, timeout) -> tuple[socket.socket, str]:
+    """A socket to the first of the checked `ips` that answers, and that address."""
+    last: Exception | None = None
+    for ip in ips:
+        try:
+            return _connect(ip, port, timeout), ip
+        except OSError as e:
+            last = e
+    raise last or OSError("no address")
+
+
+class _PinnedHTTP(http.client.HTTPConnection):
+    """An HTTP connection whose socket goes to a checked IP, whatever the host name resolves to now."""
+
+    def __init__(self, host: str, port: int, ips: list[str], timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self.ips, self.connected_to = ips, None
+
+    def connect(self):
+        self.sock, self.connected_to = _connect_first(self.ips, self.port, self.timeout)
+
+
+class _PinnedHTTPS(_PinnedHTTP):
+    """As `_PinnedHTTP`, then TLS with the host's name (SNI and certificate check against the name, not the IP)."""
+
+    def __init__(self, host: str, port: int, ips: list[str], timeout: float):
+        super().__init__(host, port, ips, timeout)
+        self.tls = ssl.create_default_context()
+
+    def connect(self):
+        super().connect()
+        self.sock = self.tls.wrap_socket(self.sock, server_hostname=self.host)
+
+
 class _Pinned:
-    """An http.client connection whose socket goes to a checked IP, whatever the name resolves to now."""
+    """The pinned connection for a URL's scheme (`conn`), and the address it reached (`connected_to`)."""
 
     def __init__(self, scheme: str, host: str, port: int, ips: list[str], timeout: float):
-        cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
-        kw = {"context": ssl.create_default_context()} if scheme == "https" else {}
-        self.conn = cls(host, port, timeout=timeout, **kw)
-        self.connected_to: str | None = None
+        self.conn = (_PinnedHTTPS if scheme == "https" else _PinnedHTTP)(host, port, ips, timeout)
 
-        def create_connection(address, timeout=None, source_address=None):
-            last: Exception | None = None
-            for ip in ips:
-                try:
-                    sock = _connect(ip, port, timeout)
-                    self.connected_to = ip
-                    return sock
-                except OSError as e:
-                    last = e
-            raise last or OSError("no address")
-
-        self.conn._create_connection = create_connection  # HTTPS then wraps it with SNI = host
+    @property
+    def connected_to(self) -> str | None:
+        return self.conn.connected_to
 
 
 def _abort(conn: http.client.HTTPConnection) -> None:

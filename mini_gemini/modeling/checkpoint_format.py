@@ -26,13 +26,13 @@ _PREFIXES = [
 _MOE = re.compile(r"(model\.layers\.\d+)\.block_sparse_moe\.(?:experts\.(\d+)\.(w[123])|gate)\.weight")
 _FUSED = re.compile(r"llm\.(model\.layers\.\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
 # The LLM's parts left out by load_pretrained(llm_layers=False) (our names).
-_DROPPED = ("llm.model.layers.", "llm.lm_head.")
+LLM_ONLY_PREFIXES = ("llm.model.layers.", "llm.lm_head.")
 # Stored buffers that transformers 5 recomputes instead of loading.
-_IGNORED = re.compile(r".*(\.position_ids|rotary_emb\.inv_freq)$")
+IGNORED_KEYS = re.compile(r".*(\.position_ids|rotary_emb\.inv_freq)$")
 
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
                 "pytorch_model.bin.index.json", "pytorch_model.bin")
-_HUB_META = ["*.json", "*.model", "*.txt", "*.tiktoken"]
+HUB_METADATA = ["*.json", "*.model", "*.txt", "*.tiktoken"]
 
 
 
@@ -76,13 +76,13 @@ def to_official(name: str, tensor: torch.Tensor):
     raise KeyError(name)
 
 
-def _is_moe(model: MiniGemini) -> bool:
+def is_moe(model: MiniGemini) -> bool:
     return model.config.family == "mixtral"
 
 
 def official_state_dict(model: MiniGemini) -> dict:
-    sd, moe = {}, _is_moe(model)
-    tied = _tied(model)
+    sd, moe = {}, is_moe(model)
+    tied = has_tied_embeddings(model)
     for name, t in model.state_dict().items():
         if tied and name == "llm.lm_head.weight":
             continue  # tied to embed_tokens: transformers-4 checkpoints leave it out
@@ -94,7 +94,7 @@ def official_state_dict(model: MiniGemini) -> dict:
     return sd
 
 
-def _tied(model: MiniGemini) -> bool:
+def has_tied_embeddings(model: MiniGemini) -> bool:
     return bool(getattr(model.config.llm, "tie_word_embeddings", False))
 
 

@@ -118,6 +118,12 @@ class MGMConfig:
     def mm_hidden_size_aux(self) -> int:
         return sum(self.aux_dims)
 
+    @property
+    def task_scope(self):
+        """What the checkpoint says it was trained to answer (`task_scope.TaskScope`), or None: anything."""
+        from .task_scope import TaskScope
+        return TaskScope.from_config(self.raw)
+
     @classmethod
     def from_dict(cls, cfg: dict) -> "MGMConfig":
         family = family_of(cfg)

@@ -20,7 +20,7 @@ from .image_processing import ImageProcessor
 from .processing import MGMProcessor
 
 from .checkpoint_format import (  # noqa: F401 - the official names and files, re-exported
-    _DROPPED, _HUB_META, _IGNORED, WEIGHT_FILES, _is_moe, _tied, official_state_dict, read_safetensors,
+    LLM_ONLY_PREFIXES, HUB_METADATA, IGNORED_KEYS, WEIGHT_FILES, is_moe, has_tied_embeddings, official_state_dict, read_safetensors,
     read_weights, to_internal, to_official, weight_files)
 
 # ---- locating a checkpoint ------------------------------------------------------------------------
@@ -40,9 +40,9 @@ def resolve(name_or_path: str, revision: str | None = None) -> Path:
                                         RevisionNotFoundError)
     try:
         folder = Path(snapshot_download(name_or_path, revision=revision,
-                                        allow_patterns=_HUB_META + ["*.safetensors"]))
+                                        allow_patterns=HUB_METADATA + ["*.safetensors"]))
         if not any(folder.glob("*.safetensors")):  # older repos only have pytorch_model*.bin
-            folder = Path(snapshot_download(name_or_path, revision=revision, allow_patterns=_HUB_META + ["*.bin"]))
+            folder = Path(snapshot_download(name_or_path, revision=revision, allow_patterns=HUB_METADATA + ["*.bin"]))
         return folder
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as e:
         raise ModelLoadError(f"{name_or_path} was not found on the Hugging Face hub (or needs a login: "
@@ -92,7 +92,7 @@ def load_weights(model: MiniGemini, files, dtype: torch.dtype, plan: dict):
     """Stream the checkpoint's tensors into a meta-initialised model (strict, official names)."""
     shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     dropped = not getattr(model, "llm_layers", True)  # load_pretrained(llm_layers=False)
-    tied = _tied(model) and not dropped
+    tied = has_tied_embeddings(model) and not dropped
     if tied:
         shapes.pop("llm.lm_head.weight", None)
     expected = set(shapes)
@@ -103,8 +103,8 @@ def load_weights(model: MiniGemini, files, dtype: torch.dtype, plan: dict):
             raise ModelLoadError(f"Missing weight shard {file}; download the checkpoint again.")
         for key, t in read_weights(file):
             name, slot = to_internal(key)
-            if _IGNORED.fullmatch(key) or (tied and name == "llm.lm_head.weight") or \
-                    (dropped and name.startswith(_DROPPED)):
+            if IGNORED_KEYS.fullmatch(key) or (tied and name == "llm.lm_head.weight") or \
+                    (dropped and name.startswith(LLM_ONLY_PREFIXES)):
                 continue
             if name not in expected:
                 unexpected.append(key)
@@ -206,7 +206,7 @@ def load_pretrained(name_or_path: str, *, device: str | None = None, dtype: torc
     norm are loaded), for a process whose LLM runs on a server (`Engine(model, llm_server=URL)`): the towers,
     mining and projector work as usual, the model cannot generate by itself.
     """
-    from ..chat.templates import select_template
+    from .chat_template import select_template
     folder = resolve(str(name_or_path), revision)
     cfg_path = folder / "config.json"
     if not cfg_path.exists():

@@ -19,7 +19,7 @@ from transformers import (CLIPVisionModel, GemmaForCausalLM, LlamaForCausalLM, M
                           MixtralForCausalLM)
 
 from .config import MGMConfig
-from ..constants import IMAGE_TOKEN_INDEX
+from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .grid import grid_crops
 from .mining import PatchInfoMining
 
@@ -39,6 +39,14 @@ class Encoded(NamedTuple):
     image_features: torch.Tensor  # (B, V*N, D) visual tokens for the LLM
     attn: torch.Tensor    # (B, V, N, P*P) mining weights of every LR token over its HR window
     gain: torch.Tensor    # (B, V, N) relative change mining made to each LR token
+    mined: torch.Tensor | None = None        # (B, V*N, C) the tokens the projector read (x + mined, or x)
+    hr_features: torch.Tensor | None = None  # (B, C_aux, H, W) the HR tower's map (before any grid cut)
+
+
+class MGMOutput(NamedTuple):
+    loss: torch.Tensor | None          # mean cross-entropy over the label positions (labels given), else None
+    logits: list | None                # labels not given: per sequence (L_i, vocab) float logits, else None
+    first_token_accuracy: torch.Tensor | None  # share of answers whose first token is predicted right (labels)
 
 
 class CLIPTower(nn.Module):
@@ -111,16 +119,19 @@ class MiniGemini(nn.Module):
         return next(self.mm_projector.parameters()).dtype
 
     # ---- vision ---------------------------------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor, pixel_values_aux: torch.Tensor) -> Encoded:
+    def encode_images(self, pixel_values: torch.Tensor, pixel_values_aux: torch.Tensor, *,
+                      mining: bool = True) -> Encoded:
         """Encode images: both towers, patch info mining (DESIGN.md section 1.2) and the projector.
 
         Args:
             pixel_values: (B, V, 3, S, S) LR views in model order (HD: global first, then the grid row-major).
             pixel_values_aux: (B, 3, S_aux, S_aux) the HR image.
+            mining: False gives the mining ablation: visual tokens = projector(x) instead of
+                projector(x + mined); the weights and gain are still those mining computed (unused).
 
         Returns:
-            `Encoded`: image_features (B, V*N, D) in the LLM's dtype, mining weights (B, V, N, P*P) and mining
-            gain (B, V, N).
+            `Encoded`: image_features (B, V*N, D) in the LLM's dtype, mining weights (B, V, N, P*P), mining
+            gain (B, V, N), the projector's input (B, V*N, C) and the HR tower's map (B, C_aux, H, W).
         Gradients flow when the caller allows them (training); inference callers wrap it in no_grad.
         """
         lr, hr = pixel_values, pixel_values_aux
@@ -129,6 +140,7 @@ class MiniGemini(nn.Module):
         conv_p = next(self.vision_tower_aux.parameters())
         x = self.vision_tower(lr.flatten(0, 1).to(clip_p.device, clip_p.dtype))          # (B*V, N, C)
         hr_map = self.vision_tower_aux(hr.to(conv_p.device, conv_p.dtype))                # (B, Ca, H, W)
+        hr_features = hr_map
         mine_p = next(self.mining.parameters())
         x, hr_map = x.to(mine_p.device, mine_p.dtype), hr_map.to(mine_p.device, mine_p.dtype)
         g = self.config.image_grid
@@ -142,9 +154,10 @@ class MiniGemini(nn.Module):
         # How much HR detail each LR token took in: |mined - x| / |x| (the heatmaps' "mining gain").
         gain = (mined - x).float().norm(dim=-1) / x.float().norm(dim=-1).clamp_min(1e-6)
         proj_p = next(self.mm_projector.parameters())
-        tokens = self.mm_projector(mined.to(proj_p.device, proj_p.dtype))
+        read = mined if mining else x
+        tokens = self.mm_projector(read.to(proj_p.device, proj_p.dtype))
         return Encoded(tokens.reshape(b, -1, tokens.shape[-1]), attn.reshape(b, v, *attn.shape[1:]),
-                       gain.reshape(b, v, -1))
+                       gain.reshape(b, v, -1), read.reshape(b, -1, read.shape[-1]), hr_features)
 
     # ---- language -------------------------------------------------------------------------------
     def embed(self, input_ids, image_tokens=()) -> torch.Tensor:
@@ -178,6 +191,90 @@ class MiniGemini(nn.Module):
             start = slot + 1
         parts.append(text[start:])
         return torch.cat(parts)[None]
+
+    def forward(self, input_ids: list, labels: list | None = None, *, pixel_values: torch.Tensor | None = None,
+                pixel_values_aux: torch.Tensor | None = None, image_features: list | None = None,
+                length_slack: float = 1.25) -> MGMOutput:
+        """The model on a batch of conversations: the loss on the labelled positions (training), or the logits.
+
+        Args:
+            input_ids: B token id sequences (lists or 1-D tensors), IMAGE_TOKEN_INDEX where an image goes.
+            labels: B label sequences as long as `input_ids` (IGNORE_INDEX where no loss is taken, IGNORE_INDEX at
+                image slots); None: return the logits instead.
+            pixel_values, pixel_values_aux: every image of the batch in slot order, (N, V, 3, S, S) and
+                (N, 3, S_aux, S_aux) (`encode_images`); or
+            image_features: the images' visual tokens already computed, one (T, D) tensor per slot in order.
+            length_slack: sequences whose lengths are within this factor run padded together (a short question
+                never pays for a long conversation).
+
+        Returns:
+            `MGMOutput`. With labels: loss = mean cross-entropy over the positions whose next token is labelled
+            (logits are computed on those positions only) and the share of answers whose first token is right
+            under teacher forcing. Without: the (L_i, vocab) logits of each sequence (L_i counts every visual token).
+        Raises:
+            ValueError: images and slots do not match.
+        """
+        if image_features is None:
+            image_features = []
+            if pixel_values is not None:
+                image_features = list(self.encode_images(pixel_values, pixel_values_aux).image_features)
+        embeds, full, k = [], [], 0
+        for b, ids in enumerate(input_ids):
+            ids = [int(i) for i in ids]
+            n = ids.count(IMAGE_TOKEN_INDEX)
+            mine = image_features[k:k + n]
+            k += n
+            embeds.append(self.embed(ids, mine)[0])
+            if labels is not None:  # expand each image slot's label into one per visual token
+                lab, j = [], 0
+                for t, y in zip(ids, labels[b]):
+                    if t == IMAGE_TOKEN_INDEX:
+                        lab += [IGNORE_INDEX] * mine[j].shape[0]
+                        j += 1
+                    else:
+                        lab.append(int(y))
+                full.append(torch.tensor(lab))
+        if k != len(image_features):
+            raise ValueError(f"The batch has {k} image slots but {len(image_features)} images were given")
+        if labels is None:
+            head, decoder = self.llm.get_output_embeddings(), self.llm.get_decoder()
+            return MGMOutput(None, [head(decoder(inputs_embeds=e[None]).last_hidden_state[0]).float()
+                                    for e in embeds], None)
+        loss, acc = self._answer_loss(embeds, full, length_slack)
+        return MGMOutput(loss, None, acc)
+
+    def _answer_loss(self, embeds: list, labels: list, slack: float):
+        """Mean cross-entropy over the labelled positions and first-answer-token accuracy (see `forward`)."""
+        dev = self.device
+        decoder, head = self.llm.get_decoder(), self.llm.get_output_embeddings()
+        order = sorted(range(len(embeds)), key=lambda i: embeds[i].shape[0])
+        groups = [[order[0]]]
+        for i in order[1:]:
+            if embeds[i].shape[0] > slack * embeds[groups[-1][0]].shape[0]:
+                groups.append([])
+            groups[-1].append(i)
+        total, count, hits, rows = 0.0, 0, 0, 0
+        for g in groups:
+            length = max(embeds[i].shape[0] for i in g)
+            x = torch.zeros(len(g), length, embeds[0].shape[-1], dtype=embeds[0].dtype, device=dev)
+            mask = torch.zeros(len(g), length, dtype=torch.long, device=dev)
+            y = torch.full((len(g), length), IGNORE_INDEX, dtype=torch.long, device=dev)
+            for r, i in enumerate(g):
+                x[r, :embeds[i].shape[0]], mask[r, :embeds[i].shape[0]], y[r, :len(labels[i])] = \
+                    embeds[i], 1, labels[i]
+            hidden = decoder(inputs_embeds=x, attention_mask=mask).last_hidden_state[:, :-1]
+            target = y[:, 1:]
+            sel = target != IGNORE_INDEX
+            logits = head(hidden[sel]).float()
+            gold = target[sel]
+            total = total + F.cross_entropy(logits, gold, reduction="sum")
+            count += len(gold)
+            row = sel.nonzero()[:, 0]
+            first = torch.ones_like(row, dtype=torch.bool)
+            first[1:] = row[1:] != row[:-1]
+            hits += (logits[first].argmax(-1) == gold[first]).sum().item()
+            rows += int(first.sum())
+        return total / max(1, count), torch.tensor(hits / max(1, rows))
 
     @torch.no_grad()
     def generate(self, input_ids, image_tokens=(), *, max_new_tokens: int = 64, temperature: float = 0.0,

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .chat_template import Prompt, PromptTurn, Template, build_prompt, tokenize
+
 if TYPE_CHECKING:
-    from ..chat.templates import Prompt, Template, Turn
     from .image_processing import ImageProcessor, Views
 
 
@@ -19,21 +20,20 @@ class MGMProcessor:
     """Args:
         tokenizer: the checkpoint's transformers tokenizer (loaded as the official stack loads it).
         image_processor: pads, resizes and normalises images into the LR and HR tensors.
-        template: the chat template (one of `mini_gemini.chat.templates.TEMPLATES`).
+        template: the chat template (one of `mini_gemini.modeling.chat_template.TEMPLATES`).
     """
     tokenizer: Any
     image_processor: ImageProcessor
     template: Template
 
-    def build_prompt(self, turns: list[Turn]) -> Prompt:
-        """The prompt of a conversation (`Turn`s with their image counts) in this template."""
-        from ..chat.templates import build_prompt
-        return build_prompt(self.template, turns)
+    def build_prompt(self, turns: list[PromptTurn], first_image: int = 1) -> Prompt:
+        """The prompt of a conversation (`PromptTurn`s with their image counts) in this template; `first_image`:
+        the conversation number of the first image in `turns` (see `chat_template.build_prompt`)."""
+        return build_prompt(self.template, turns, first_image)
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """Prompt -> token ids with one IMAGE_TOKEN_INDEX (-200) slot per image, as the official
         `tokenizer_image_token` gives them."""
-        from ..chat.templates import tokenize
         return tokenize(prompt, self.tokenizer)
 
     def images(self, image) -> Views:

@@ -51,7 +51,7 @@ def tiny_config(family: str, tokenizer, hd: bool = False, context: int = 2048, *
 def build_tiny(family: str, hd: bool = False, seed: int = 0, **overrides) -> MiniGemini:
     from ..modeling.image_processing import ImageProcessor
     from ..modeling.processing import MGMProcessor
-    from ..chat.templates import TEMPLATES
+    from ..modeling.chat_template import TEMPLATES
     from .tiny_tokenizer import build_tokenizer, family_template
     if family not in LLM_FAMILY:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(LLM_FAMILY)}")

@@ -2,7 +2,7 @@
 
 Users keep one conversation open: a new picture in a later turn, a question about an earlier one
 ("What digit is in the red square of Image 2?"), a long text-only turn before the next picture. Each
-conversation here is a list of `chat.templates.Turn`s plus the images in prompt order, so the prompt is
+conversation here is a list of `modeling.chat_template.PromptTurn`s plus the images in prompt order, so the prompt is
 exactly what the engine builds at inference (images numbered "Image 1:", "Image 2:", ... once the prompt
 holds two or more; earlier answers in the history).
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 
-from ..chat.templates import Turn
+from ..modeling.chat_template import PromptTurn
 from .synthetic import COLOUR_NAMES, SUFFIX, digit_question, other_question, scene
 
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth")
@@ -117,18 +117,18 @@ def chat_sample(seed: int, index: int, digit_fraction: float = 0.6, max_images: 
         kind = "digit" if rng.random() < digit_fraction else "other"
         room = max_images - len(images)
         if t == 0 and r < 0.15 and n_turns > 1:      # a text-only opening
-            turns.append(Turn(chatter(rng), 0, CHATTER_ANSWER))
+            turns.append(PromptTurn(chatter(rng), 0, CHATTER_ANSWER))
             asked.append((None, "chatter"))
             continue
         if images and (room == 0 or r < earlier):     # a question about an earlier image, no new image
             if rng.random() < 0.15:
-                turns.append(Turn(chatter(rng), 0, CHATTER_ANSWER))
+                turns.append(PromptTurn(chatter(rng), 0, CHATTER_ANSWER))
                 asked.append((None, "chatter"))
                 continue
             k = rng.randint(1, len(images)) if rng.random() < 0.75 else len(images)
             q, a = question(scenes[k - 1], kind, rng)
             q = refer(q, k, rng) if k < len(images) or rng.random() < 0.5 else q
-            turns.append(Turn(q, 0, a))
+            turns.append(PromptTurn(q, 0, a))
             asked.append((k, kind))
             continue
         if room == 0:
@@ -152,7 +152,7 @@ def chat_sample(seed: int, index: int, digit_fraction: float = 0.6, max_images: 
             q, a = question(scenes[k - 1], kind, rng)
         if rng.random() < 0.2:
             q += SUFFIX
-        turns.append(Turn(q, n_new, a))
+        turns.append(PromptTurn(q, n_new, a))
         asked.append((k, kind))
     if not images:  # only chatter was drawn: end with a picture and a question about it
         sc = scene_fn(rng, 0)
@@ -160,7 +160,7 @@ def chat_sample(seed: int, index: int, digit_fraction: float = 0.6, max_images: 
         scenes.append(sc)
         kind = "digit" if rng.random() < digit_fraction else "other"
         q, a = question(sc, kind, rng)
-        turns.append(Turn(q, 1, a))
+        turns.append(PromptTurn(q, 1, a))
         asked.append((1, kind))
     return dict(images=images, turns=turns, asked=asked, scenes=scenes)
 
@@ -184,6 +184,6 @@ def quiz_sample(seed: int, index: int, digit_fraction: float = 0.6, max_images: 
         q, a = question(scenes[k - 1], kind, rng)
         if n_images > 1:
             q = refer(q, k, rng)
-        turns.append(Turn(q, n_images if t == 0 else 0, a))
+        turns.append(PromptTurn(q, n_images if t == 0 else 0, a))
         asked.append((k, kind))
     return dict(images=[sc.image for sc in scenes], turns=turns, asked=asked, scenes=scenes)

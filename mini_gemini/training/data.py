@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from ..chat.templates import Turn, build_prompt, tokenize
+from ..modeling.chat_template import PromptTurn, build_prompt, tokenize
 from ..constants import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from ..modeling.model import MiniGemini
 from .models import IGNORE_INDEX
 
 
-def encode_conversation(model: MiniGemini, turns: list[Turn]) -> tuple[list[int], list[int]]:
+def encode_conversation(model: MiniGemini, turns: list[PromptTurn]) -> tuple[list[int], list[int]]:
     """Token ids (image slots as IMAGE_TOKEN_INDEX) and labels: only the assistant answers are learnt.
 
     Each answer's tokens are those between the prompt that ends with the open assistant header and the
@@ -30,7 +30,7 @@ def encode_conversation(model: MiniGemini, turns: list[Turn]) -> tuple[list[int]
     for k, turn in enumerate(turns):
         if not turn.assistant:
             continue
-        open_ids = tokenize(build_prompt(tpl, turns[:k] + [Turn(turn.user, turn.n_images, None)]), tok)
+        open_ids = tokenize(build_prompt(tpl, turns[:k] + [PromptTurn(turn.user, turn.n_images, None)]), tok)
         done_ids = tokenize(build_prompt(tpl, turns[:k + 1]), tok) if k + 1 < len(turns) else ids
         start = len(open_ids)
         while start > 0 and open_ids[start - 1] != done_ids[start - 1]:  # a merge across the border
@@ -45,15 +45,15 @@ def encode_conversation(model: MiniGemini, turns: list[Turn]) -> tuple[list[int]
     return ids, labels
 
 
-def llava_turns(conversations: list[dict]) -> list[Turn]:
+def llava_turns(conversations: list[dict]) -> list[PromptTurn]:
     """LLaVA conversations ([{from: human|gpt, value}]) -> Turns; "<image>" marks where images go."""
-    turns: list[Turn] = []
+    turns: list[PromptTurn] = []
     for msg in conversations:
         who, text = msg.get("from"), msg.get("value", "")
         if who in ("human", "user"):
             n = text.count(IMAGE_TOKEN)
             text = text.replace(IMAGE_TOKEN + "\n", "").replace("\n" + IMAGE_TOKEN, "").replace(IMAGE_TOKEN, "")
-            turns.append(Turn(text.strip(), n, None))
+            turns.append(PromptTurn(text.strip(), n, None))
         elif who in ("gpt", "assistant"):
             if not turns or turns[-1].assistant is not None:
                 raise ValueError("a gpt message must follow a human message")
@@ -77,7 +77,7 @@ class SyntheticData(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from .synthetic import sample
         s = sample(self.seed, i, self.digit_fraction)
-        return dict(images=[s["image"]], turns=[Turn(s["question"], 1, s["answer"])], scene=s["scene"])
+        return dict(images=[s["image"]], turns=[PromptTurn(s["question"], 1, s["answer"])], scene=s["scene"])
 
 
 class ChatMixData(SyntheticData):
@@ -119,7 +119,7 @@ class ChatMixData(SyntheticData):
                 q, a = digit_question(sc, rng)
             else:
                 q, a = other_question(sc, rng, self.other_mix)
-            return dict(images=[sc.image], turns=[Turn(q, 1, a)], scene=None, keys=[sc.meta["key"]])
+            return dict(images=[sc.image], turns=[PromptTurn(q, 1, a)], scene=None, keys=[sc.meta["key"]])
         pictures = self._scene if self.pool else None
         if quiz:
             c = quiz_sample(self.seed, i, self.digit_fraction, scene_fn=pictures, list_fraction=self.list_fraction)

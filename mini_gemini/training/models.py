@@ -25,7 +25,7 @@ def build_demo_model(seed: int = 0) -> MiniGemini:
     """The demo architecture: LR 64 px (patch 8 -> 8x8 tokens), HR 256 px (ConvNeXt stage 0 64x64, P = 8),
     a 3-layer Llama (the shipped demo model has 4: `--reset-llm --llm-layers 4`) with the vicuna_v1
     template; random weights, float32, trainable."""
-    from ..chat.templates import TEMPLATES
+    from ..modeling.chat_template import TEMPLATES
     from ..modeling.config import MGMConfig
     from ..modeling.image_processing import ImageProcessor
     from ..modeling.processing import MGMProcessor

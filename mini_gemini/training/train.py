@@ -51,9 +51,7 @@ from pathlib import Path
 import sys
 
 import torch
-import torch.nn.functional as F
 
-from ..constants import IMAGE_TOKEN_INDEX
 from ..modeling.model import MiniGemini
 
 # the pieces live in their own modules; re-exported here for `from mini_gemini.training.train import ...`
@@ -79,102 +77,38 @@ from .towers import AuxHeads, hr_crops, pretrain_hr  # noqa: F401
 
 # ---- the forward pass ------------------------------------------------------------------------------
 def forward(model: MiniGemini, batch, aux: AuxHeads | None = None, aux_weight: float = 1.0):
-    """Language-model loss on the answers (+ the auxiliary loss); returns (loss, stats)."""
+    """Language-model loss on the answers (`MiniGemini.forward` with labels) + the auxiliary loss; returns
+    (loss, stats)."""
     dev = model.device
     images = []
     enc = None
-    hr_map = {}
     if batch.get("cache") is not None:  # frozen visual side: each picture's tokens computed once
         cache, learn_projector = batch["cache"], any(p.requires_grad for p in model.mm_projector.parameters())
         if batch["lr"] is not None:
-            seen = {}  # with a trainable projector the cache holds its input (the mined tokens)
-            hook = model.mm_projector.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0])) \
-                if learn_projector else None
-            try:
-                with torch.no_grad():
-                    new = model.encode_images(batch["lr"].to(dev), batch["hr"].to(dev)).image_features
-            finally:
-                if hook is not None:
-                    hook.remove()
-            if learn_projector:
-                new = seen["x"].reshape(len(new), -1, seen["x"].shape[-1])
-            cache.update(zip(batch["new_keys"], new))
+            with torch.no_grad():
+                new = model.encode_images(batch["lr"].to(dev), batch["hr"].to(dev))
+            # with a trainable projector the cache holds its input (the mined tokens), else its output
+            cache.update(zip(batch["new_keys"], new.mined if learn_projector else new.image_features))
         images = [cache[key] for key in batch["keys"]]
         if learn_projector:
             images = list(model.mm_projector(torch.stack(images)) if len({i.shape for i in images}) == 1
                           else [model.mm_projector(i) for i in images])
     elif batch["lr"] is not None:
-        hook = None
-        if aux is not None and aux.hr is not None and "hr_digit" in batch and not hr_disabled(model):
-            hook = model.vision_tower_aux.register_forward_hook(lambda m, i, o: hr_map.__setitem__("x", o))
-        try:
-            enc = model.encode_images(batch["lr"].to(dev), batch["hr"].to(dev))
-        finally:
-            if hook is not None:
-                hook.remove()
+        enc = model.encode_images(batch["lr"].to(dev), batch["hr"].to(dev))
         images = list(enc.image_features)
-    # model.embed expands each image slot into that image's tokens; the labels are expanded to match
-    embeds, full, k = [], [], 0
-    for ids, y, n in zip(batch["ids"], batch["labels"], batch["n_images"]):
-        mine = images[k:k + n]
-        embeds.append(model.embed(ids, mine)[0])
-        lab, j = [], 0
-        for t, v in zip(ids, y):
-            if t == IMAGE_TOKEN_INDEX:
-                lab += [IGNORE_INDEX] * mine[j].shape[0]
-                j += 1
-            else:
-                lab.append(v)
-        full.append(torch.tensor(lab))
-        k += n
-    lm, acc = _answer_loss(model, embeds, full)
+    out = model(batch["ids"], batch["labels"], image_features=images)
+    lm, acc = out.loss, out.first_token_accuracy
     stats = dict(lm=lm.item(), acc=acc.item())
     loss = lm
     if aux is not None and enc is not None and "colour" in batch:
         la = aux(enc.image_features, batch["colour"], batch["digit"])
-        if "x" in hr_map:
-            lh = aux.hr_loss(hr_map["x"], batch["hr_digit"])
+        if aux.hr is not None and "hr_digit" in batch and not hr_disabled(model):
+            lh = aux.hr_loss(enc.hr_features, batch["hr_digit"])
             la = la + lh
             stats["hr_aux"] = lh.item()
         loss = loss + aux_weight * la
         stats["aux"] = la.item()
     return loss, stats
-
-
-def _answer_loss(model: MiniGemini, embeds: list, labels: list, slack: float = 1.25):
-    """Mean cross-entropy over the answer tokens, and the share of first answer tokens right (teacher
-    forcing). Examples of similar length run together (padded to the longest of their group, which is
-    at most `slack` times the shortest), so a short question never pays for a long conversation; logits
-    are computed on the answer positions only."""
-    dev = model.device
-    decoder, head = model.llm.get_decoder(), model.llm.get_output_embeddings()
-    order = sorted(range(len(embeds)), key=lambda i: embeds[i].shape[0])
-    groups = [[order[0]]]
-    for i in order[1:]:
-        if embeds[i].shape[0] > slack * embeds[groups[-1][0]].shape[0]:
-            groups.append([])
-        groups[-1].append(i)
-    total, count, hits, rows = 0.0, 0, 0, 0
-    for g in groups:
-        length = max(embeds[i].shape[0] for i in g)
-        x = torch.zeros(len(g), length, embeds[0].shape[-1], dtype=embeds[0].dtype, device=dev)
-        mask = torch.zeros(len(g), length, dtype=torch.long, device=dev)
-        y = torch.full((len(g), length), IGNORE_INDEX, dtype=torch.long, device=dev)
-        for r, i in enumerate(g):
-            x[r, :embeds[i].shape[0]], mask[r, :embeds[i].shape[0]], y[r, :len(labels[i])] = embeds[i], 1, labels[i]
-        hidden = decoder(inputs_embeds=x, attention_mask=mask).last_hidden_state[:, :-1]
-        target = y[:, 1:]
-        sel = target != IGNORE_INDEX
-        logits = head(hidden[sel]).float()
-        gold = target[sel]
-        total = total + F.cross_entropy(logits, gold, reduction="sum")
-        count += len(gold)
-        row = sel.nonzero()[:, 0]
-        first = torch.ones_like(row, dtype=torch.bool)
-        first[1:] = row[1:] != row[:-1]
-        hits += (logits[first].argmax(-1) == gold[first]).sum().item()
-        rows += int(first.sum())
-    return total / max(1, count), torch.tensor(hits / max(1, rows))
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from ..chat import clean_text
 from .markup import split_image_prompt
 from .mining_panel import heatmap_gallery
 from .server import session_of, user_error
-from .turns import _options, run_turn
+from .turns import gen_options, run_turn
 
 # ---- API ------------------------------------------------------------------------------------------
 def api_chat(message: str, images: list | None, generate_image: bool, temperature: float, request: gr.Request):
@@ -21,7 +21,7 @@ def api_chat(message: str, images: list | None, generate_image: bool, temperatur
         raise user_error("Send a message, an image, or both.")
     session, ex = session_of(request)
     live = None
-    for live in run_turn(session, ex, message or "", files, bool(generate_image), _options(temperature or 0.0)):
+    for live in run_turn(session, ex, message or "", files, bool(generate_image), gen_options(temperature or 0.0)):
         if live.error is None:
             yield api_reply(live.text, []), None, []
     if live.error:

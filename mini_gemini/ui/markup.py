@@ -56,14 +56,14 @@ def _text(markdown: str) -> dict:
     return {"type": "text", "text": markdown}
 
 
-def _user_message(text: str, files: list, first: int) -> dict:
+def user_bubble(text: str, files: list, first: int) -> dict:
     content = [{"path": f, "alt_text": f"Image {first + k}"} for k, f in enumerate(files)]
     if text or not content:
         content.append(_text(literal(text)))
     return {"role": "user", "content": content}
 
 
-def _answer_messages(answer: str, notices: list, prompt: str | None, image_file: str | None,
+def answer_messages(answer: str, notices: list, prompt: str | None, image_file: str | None,
                      progress=None, error: str | None = None) -> list[dict]:
     msgs = []
     shown, wrote = split_image_prompt(answer)
@@ -92,13 +92,13 @@ def render(session, ex, upto: int | None = None) -> list[dict]:
     for i in range(len(turns) + 1):
         for f in ex.failed:
             if f.position == i:
-                msgs += [_user_message(f.user, f.files, first)] + _answer_messages("", [], None, None, error=f.error)
+                msgs += [user_bubble(f.user, f.files, first)] + answer_messages("", [], None, None, error=f.error)
         if i == len(turns):
             break
         t, v = turns[i], ex.views[i] if i < len(ex.views) else None
         files = [ex.show(im.image, im.key) for im in t.images]
-        msgs.append(_user_message(t.user, files, first))
+        msgs.append(user_bubble(t.user, files, first))
         first += len(files)
-        msgs += _answer_messages(t.assistant or "", v.notices if v else [], t.image_prompt,
+        msgs += answer_messages(t.assistant or "", v.notices if v else [], t.image_prompt,
                                  v.image_file if v else None)
     return msgs

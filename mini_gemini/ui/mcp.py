@@ -40,7 +40,7 @@ from . import server
 from .api import api_reply
 from .server import session_of, user_error
 from .settings import TURNS_AT_ONCE
-from .turns import _options, run_turn
+from .turns import gen_options, run_turn
 
 log = logging.getLogger(__name__)
 TOOL_NAME = "chat_about_image"
@@ -82,7 +82,7 @@ def chat_about_image(message: str, image: str | None = None, session_id: str | N
             raise user_error(str(e)) from e
     live = None
     try:
-        for update in run_turn(session, ex, text, loaded, False, _options(temperature)):
+        for update in run_turn(session, ex, text, loaded, False, gen_options(temperature)):
             live = update  # the turn as it ends
     finally:
         for failed in ex.failed:  # no input box to give the images back to: do not keep them

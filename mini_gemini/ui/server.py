@@ -94,19 +94,16 @@ class Loader:
         return model
 
     def _fallback(self):
-        if (demo_model_path() / "config.json").exists():
-            model = self._load(str(demo_model_path()))
-            model.name_or_path = "bundled demo model (assets/demo-model)"
-            return model, ("The app runs on the **bundled demo model** instead: a small model trained only on "
-                           f"scenes like the examples, to answer “{RED_SQUARE}”, which colour the square with the "
-                           "digit is, how many squares there are and whether a colour is there, across the "
-                           "pictures of one conversation (“… of Image 2?”).")
-        from mini_gemini.testing.tiny import build_tiny
-        self._set("Building a tiny random model…", 0.6)
-        model = build_tiny("vicuna").to(self.args.device or ("cuda" if _cuda() else "cpu"))
-        model.name_or_path = "tiny random model"
-        return model, ("No demo model is bundled yet (`assets/demo-model/` is missing), so the app runs on a "
-                       "**tiny random model**: everything works end to end, but its answers are noise.")
+        """The bundled demo model (it ships with the package; a checkout without it cannot run offline)."""
+        if not (demo_model_path() / "config.json").exists():
+            raise ModelLoadError(f"The bundled demo model is missing ({demo_model_path()}); reinstall the package "
+                                 "or restore assets/demo-model from the repository.")
+        model = self._load(str(demo_model_path()))
+        model.name_or_path = "bundled demo model (assets/demo-model)"
+        return model, ("The app runs on the **bundled demo model** instead: a small model trained only on "
+                       f"scenes like the examples, to answer “{RED_SQUARE}”, which colour the square with the "
+                       "digit is, how many squares there are and whether a colour is there, across the "
+                       "pictures of one conversation (“… of Image 2?”).")
 
     def wait(self) -> Engine:
         self.done.wait()

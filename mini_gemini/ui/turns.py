@@ -10,9 +10,8 @@ import gradio as gr
 
 from ..chat import MAX_USER_CHARS, GenOptions, clean_text
 from ..errors import ImageError, SessionBusyError
-from ..training.synthetic import is_task_question
 from . import server
-from .markup import _answer_messages, _user_message, render
+from .markup import answer_messages, user_bubble, render
 from .server import Extras, Failed, View, session_of, user_error
 
 try:  # Hugging Face ZeroGPU: `spaces.GPU` borrows a GPU per call there and is a no-op elsewhere
@@ -21,11 +20,6 @@ except ImportError:
     spaces = None
 
 log = logging.getLogger(__name__)
-OUTSIDE_DEMO_TASK = ("This is the small bundled demo model: it only knows questions about the digits and coloured "
-                     "squares of pictures like the examples, so this answer means nothing. To ask about your "
-                     "photos, start the app with a real checkpoint: `python app.py --model YanweiLi/MGM-2B` "
-                     "(downloaded on first use; offline, give the folder of a copy fetched before with "
-                     "`hf download YanweiLi/MGM-2B`).")
 
 @dataclass
 class Live:
@@ -43,7 +37,7 @@ class Live:
     history: int = 0                    # engine turns shown before this one
 
     def messages(self) -> list[dict]:
-        return [_user_message(self.user, self.files, self.first)] + _answer_messages(
+        return [user_bubble(self.user, self.files, self.first)] + answer_messages(
             self.text, self.notices, self.prompt, self.image_file, self.progress, self.error)
 
 
@@ -135,8 +129,6 @@ def run_turn(session, ex: Extras, text: str, files: list, generate_image: bool, 
                 live.turn = ev.data
                 live.text = ev.data.assistant or live.text
                 live.prompt = ev.data.image_prompt or live.prompt
-                if server.LOADER.demo and not is_task_question(ev.data.user):
-                    live.notices.append(OUTSIDE_DEMO_TASK)
             elif isinstance(ev, _Handoff):  # ZeroGPU: the worker's history replaces ours
                 session.adopt(ev.turns)
                 continue
@@ -154,7 +146,7 @@ def run_turn(session, ex: Extras, text: str, files: list, generate_image: bool, 
     yield live
 
 
-def _options(temperature, top_p=0.7, max_new_tokens=None, steps=30, ocr=False) -> GenOptions:
+def gen_options(temperature, top_p=0.7, max_new_tokens=None, steps=30, ocr=False) -> GenOptions:
     return GenOptions(temperature=float(temperature), top_p=float(top_p),
                       max_new_tokens=int(max_new_tokens or server.ARGS.max_new_tokens), steps=int(steps),
                       ocr=bool(ocr))
@@ -174,7 +166,7 @@ def chat_ui(message, generate_image, read_text, temperature, top_p, max_new_toke
         return
     session, ex = session_of(request)
     yield from _stream(session, ex, lambda: run_turn(session, ex, text, files, generate_image,
-                                                     _options(temperature, top_p, max_new_tokens, steps,
+                                                     gen_options(temperature, top_p, max_new_tokens, steps,
                                                               read_text)))
 
 
@@ -190,7 +182,7 @@ def regenerate_ui(generate_image, read_text, temperature, top_p, max_new_tokens,
                                                         interactive=True), gr.skip()
         return
     yield from _stream(session, ex, lambda: run_turn(session, ex, "", [], bool(generate_image),
-                                                     _options(temperature, top_p, max_new_tokens, steps,
+                                                     gen_options(temperature, top_p, max_new_tokens, steps,
                                                               read_text),
                                                      regenerate=True))
 
