@@ -178,7 +178,7 @@ def test_a_fault_in_one_request_ends_only_that_one(models):
         spans = _spans(kwargs["position_ids"])
         if any(lengths[0] - 1 <= last < lengths[1] - 1 for _, last in spans):
             raise RuntimeError("device lost")
-        for row, (first, last) in enumerate(spans):
+        for row, (_, last) in enumerate(spans):
             if last >= lengths[1] + 1:  # its third token on: probabilities that are not numbers
                 output.logits[0, row] = float("nan")
 
