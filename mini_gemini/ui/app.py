@@ -11,7 +11,8 @@ If the requested model cannot be had, the app runs on the bundled demo model and
 
 The app talks to the model only through the engine's public API (`mini_gemini.chat`); every browser tab and every API client
 gets its own conversation (keyed by Gradio's session hash). API: the named endpoint `/chat`; with
-`--mcp`, agents get the MCP tool `chat_about_image` (mini_gemini.ui.mcp).
+`--mcp`, agents get the MCP tool `chat_about_image` (mini_gemini.ui.mcp); OpenAI clients `/v1/chat/completions`
+(mini_gemini.serve).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import gradio as gr
 
 from ..inputs.images import MAX_FILE_BYTES
 from ..resources import examples_dir
+from ..serve.openai_api import mount_in_app
 from ..viz import heatmap as hm
 from . import mcp, server
 from .api import api_chat
@@ -252,6 +254,8 @@ def main(argv=None):
         mcp.serve(demo, **launch)
     else:
         demo.launch(mcp_server=False, prevent_thread_lock=True, **launch)
+    # the OpenAI-compatible endpoint at /v1 on the same port, over the same engine (503 while it loads)
+    mount_in_app(demo.app, server.LOADER, server.ARGS)
     # The page is up: now import torch and load the model (in the background), the page shows progress.
     server.LOADER.start()
     demo.block_thread()

@@ -30,12 +30,12 @@ import sys
 from types import SimpleNamespace
 
 import gradio as gr
-import numpy as np
 
 from ..chat import clean_text
 from ..errors import ImageError
 from ..inputs.remote import image_bytes
 from ..viz import heatmap as hm
+from ..viz.mining_summary import describe, image_summary, region_shares  # noqa: F401 - region_shares re-exported
 from . import server
 from .api import api_reply
 from .server import session_of, user_error
@@ -48,8 +48,6 @@ MCP_PATH = "/gradio_api/mcp/"
 SESSION_PREFIX = "mcp-"         # engine session ids of MCP conversations (browser ones are Gradio hashes)
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{8,128}")
 MAX_TEMPERATURE = 1.5
-REGIONS = (("top-left", "top", "top-right"), ("left", "centre", "right"),
-           ("bottom-left", "bottom", "bottom-right"))
 INSTALL = "pip install 'mcp>=1.21,<2'   (or: pip install 'gradio[mcp]')"
 
 
@@ -120,41 +118,12 @@ def _session_id(value: str | None) -> str:
     return sid
 
 
-# ---- mining summary -----------------------------------------------------------------------------------
-def region_shares(square_map: np.ndarray, width: int, height: int) -> list[tuple[str, float]]:
-    """Share of a non-negative per-token map (over the padded square) falling in each ninth of the photo
-    (padding cut away), largest first."""
-    photo = np.clip(np.nan_to_num(hm.to_photo(square_map, width, height, out_size=(90, 90))), 0, None)
-    total = float(photo.sum())
-    if total <= 0:
-        return []
-    shares = [(REGIONS[i][j], float(photo[30 * i:30 * (i + 1), 30 * j:30 * (j + 1)].sum()) / total)
-              for i in range(3) for j in range(3)]
-    return sorted(shares, key=lambda s: -s[1])
-
-
+# ---- mining summary ------------------------------------------------------------------------------------
 def describe_image(entry, number: int, layout: hm.Layout, top: int = 3) -> str:
-    """One line on image `number`: the regions where its tokens mined most selectively, with their share.
-
-    The measure is the mining focus of each LR token (1 - entropy of its weights over its HR candidates):
-    high where the token picked out particular high-resolution detail (an edge, a digit, a word), low
-    where it spread its attention. The mining gain is all but even over a photo (mined features are about
-    as large as the tokens they refine), so it is given as a range only.
-    """
+    """One line on image `number`: the regions where its tokens mined most selectively, with their share
+    (`mini_gemini.viz.mining_summary`)."""
     w, h = entry.image.size
-    focus = hm.assemble(hm.token_scores(entry.attn.float().numpy(), "focus"), layout, hm.CROPS)
-    gain = entry.gain.float().numpy()
-    shares = region_shares(focus, w, h)
-    if not shares:
-        where = "no token picked out particular high-resolution detail"
-    elif shares[0][1] < 0.15:
-        where = "mining was about equally selective all over the image"
-    else:
-        parts = [f"{name} {share:.0%}" for name, share in shares[:top] if share >= 0.05]
-        where = "its tokens picked out high-resolution detail most in the " + ", ".join(parts)
-    return (f"Image {number} ({w}×{h} px): {where} (shares of mining focus); mean focus "
-            f"{float(np.mean(focus)):.2f} (0 = attention spread evenly over the HR candidates, 1 = a single one), "
-            f"mining gain {float(gain.min()):.2f}–{float(gain.max()):.2f}.")
+    return describe(image_summary(entry.attn.float().numpy(), entry.gain.float().numpy(), w, h, layout), number, top)
 
 
 def mining_summary(session, turn_images: list) -> str:

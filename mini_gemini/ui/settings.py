@@ -33,4 +33,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                     default=_env_flag("MGM_MCP_SERVER") or _env_flag("GRADIO_MCP_SERVER"),
                     help="also serve the chat as an MCP tool for agents at /gradio_api/mcp/ "
                          "(needs the mcp package; see mini_gemini.ui.mcp)")
+    ap.add_argument("--api-key", default=env("MGM_API_KEY") or None,
+                    help="require `Authorization: Bearer KEY` on the OpenAI-compatible /v1 endpoint (env MGM_API_KEY)")
     return check_model_flags(ap, ap.parse_args(argv))
