@@ -19,6 +19,8 @@
   p95 <= 3); serving_all_answers_x{k} = time until all k answers are complete ÷ the same k prompts served one
   after another (goal for k=8: <= 0.6). serving_before_*: the same for the engine writing one whole answer
   at a time (Engine(max_active=0), as before the scheduler).
+- openai_followup_ttft_ratio: the same follow-up ratio through the OpenAI-compatible endpoint, the client
+  resending the whole conversation (goal <= 0.25; mini_gemini/bench_openai.py).
 The speed model is built on the fly, large enough for CPU timings to mean something.
 """
 from __future__ import annotations
@@ -336,6 +338,8 @@ def main(argv=None):
         results.update(bench_upload_memory())
     if not only:
         results.update(bench_speed())
+        from .bench_openai import bench_openai
+        results.update(bench_openai())
     if not (args.no_serving or args.load_only or args.upload_only):
         results.update(bench_serving())
     if args.llm_server:
@@ -344,6 +348,7 @@ def main(argv=None):
         results.update(bench_load_memory(Path(args.workdir)))
     goals = {"load_memory_ratio": "<= 1.2", "decode_ratio": ">= 0.95", "followup_ttft_ratio": "<= 0.25",
              "mining_overhead": "<= 1.03", "upload_peak_mb": "< 100", "serving_ttft_p95_x8": "<= 3",
+             "openai_followup_ttft_ratio": "<= 0.25",
              "serving_all_answers_x8": "<= 0.6"}
     for k, v in results.items():
         print(f"{k:>28}: {v}" + (f"   (goal {goals[k]})" if k in goals else ""))
