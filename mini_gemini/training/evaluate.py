@@ -11,6 +11,23 @@ from ..modeling.model import MiniGemini
 from .models import hr_disabled
 
 EVAL_SEED = 12345
+EVAL_NEW_TOKENS = 4   # answers are a word or a digit
+
+
+def held_out_question(sc, seed: int, index: int, kind: str = "digit") -> tuple[str, str]:
+    """(question, right answer) asked about held-out scene `index` of stream `seed` (`synthetic.scene`):
+    a digit question, or (kind "other") a colour / count / yes-no one. The same every time."""
+    import random
+
+    from .synthetic import digit_question, other_question
+    rng = random.Random(f"eval-{seed}-{index}")
+    return digit_question(sc, rng) if kind == "digit" else other_question(sc, rng)
+
+
+def is_right(answer: str, expected: str) -> bool:
+    """The scoring of `evaluate`: the answer, without surrounding spaces and a final full stop, equals the
+    expected one, ignoring case."""
+    return answer.strip().rstrip(".").lower() == expected.lower()
 
 
 def mining_focus(model: MiniGemini, sc, attn: torch.Tensor) -> dict:
@@ -55,22 +72,19 @@ def evaluate(model: MiniGemini, n: int = 200, seed: int = EVAL_SEED, kind: str =
 
     kind: "digit" (with mining statistics) or "other" (colour / count / yes-no, also reported apart in
     "by_kind")."""
-    import random as _random
-
     from ..chat.engine import Engine, GenOptions
-    from .synthetic import COLOUR_NAMES, digit_question, other_question, scene
+    from .synthetic import COLOUR_NAMES, scene
     engine = Engine(model)
-    opts = GenOptions(temperature=0, max_new_tokens=4)
+    opts = GenOptions(temperature=0, max_new_tokens=EVAL_NEW_TOKENS)
     right, focus, rows, by_kind = 0, [], [], {}
     items = scenes if scenes is not None else [scene(seed, i) for i in range(n)]
     for i, sc in enumerate(items):
-        rng = _random.Random(f"eval-{seed}-{i}")
-        q, a = digit_question(sc, rng) if kind == "digit" else other_question(sc, rng)
+        q, a = held_out_question(sc, seed, i, kind)
         session = engine.session()
         events = list(session.chat(q, [sc.image], options=opts))
         done = [e for e in events if e.kind == "done"]
         got = done[0].data.assistant if done else ""
-        ok = got.strip().rstrip(".").lower() == a.lower()
+        ok = is_right(got, a)
         right += ok
         rows.append((q, a, got))
         if kind != "digit":  # colour / count / yes-no, told apart by the right answer
