@@ -388,8 +388,10 @@ def test_bodies_that_are_not_json_objects_too_large_requests_and_unknown_paths(t
 
 
 def test_api_key_401_and_503_while_the_model_loads(tiny):
+    from mini_gemini.ui.server import Loader
+    from mini_gemini.ui.settings import parse_args
     keyed = OpenAIServer(tiny.engine, model_name="k", api_key="s3cret")
-    loading = SimpleNamespace(done=threading.Event(), engine=None, stage="Loading the weights…", failure="", demo=False)
+    loading = Loader(parse_args(["--model", str(tiny.ckpt), "--sdxl", "none"]))  # the app's loader, not started
     waiting = OpenAIServer(loader_engine(loading), model_name="later")
     with BackgroundServer(keyed) as a, BackgroundServer(waiting) as b:
         client = openai.OpenAI(base_url=a.url + "/v1", api_key="wrong", max_retries=0)
@@ -404,7 +406,7 @@ def test_api_key_401_and_503_while_the_model_loads(tiny):
         for call in (lambda: late.models.list(), lambda: late.chat.completions.create(model="x", messages=OK)):
             with pytest.raises(openai.InternalServerError) as err:
                 call()
-            assert err.value.status_code == 503 and "still loading" in err.value.body["message"]
+            assert err.value.status_code == 503 and "still loading (Starting…)" in err.value.body["message"]
         loading.failure = "The app could not load any model (OSError: disk full)."
         loading.done.set()
         with pytest.raises(openai.InternalServerError) as err:
