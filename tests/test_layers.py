@@ -137,3 +137,17 @@ def test_kv_caches_have_one_home():
                 owner_set.add(rel)
     assert {m for m in made if m.startswith("chat/")} == {"chat/kv_store.py"}
     assert owner_set == {"chat/session.py"}
+
+
+def test_the_openai_endpoint_stands_without_the_app():
+    """serve/ and eval/ (the OpenAI-compatible endpoint, also headless, and the harness around it) know nothing of
+    Gradio or ui/ and use only the engine's API; the model and the engine import nothing from them."""
+    for p in _sources("serve", "eval"):
+        text = p.read_text()
+        assert "gradio" not in text and not _PRIVATE.search(text), p
+    for rel, tree in _modules():
+        names = _imports(tree)
+        if rel.startswith(("serve/", "eval/")):
+            assert not [n for n in names if re.match(r"(\.\.|mini_gemini\.)ui\b", n)], rel
+        if rel.startswith(("modeling/", "chat/", "inputs/", "viz/")):
+            assert not [n for n in names if re.match(r"(\.\.|mini_gemini\.)(serve|eval)\b", n)], rel
