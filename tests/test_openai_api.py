@@ -382,6 +382,8 @@ def test_bodies_that_are_not_json_objects_too_large_requests_and_unknown_paths(t
     assert err.value.status_code == 413 and "megapixels" in err.value.body["message"]
     status, body = _raw(tiny.url, b"", method="GET", path="/v1/embeddings")
     assert status == 404 and "/v1/chat/completions" in body["error"]["message"]
+    status, body = _raw(tiny.url, b"", method="GET", path="/v1/chat/completions")
+    assert status == 405 and "takes POST requests, not GET" in body["error"]["message"]
     with pytest.raises(openai.NotFoundError):
         tiny.client.models.retrieve("some-other-model")
     assert tiny.client.models.retrieve("tiny-vicuna").id == "tiny-vicuna"

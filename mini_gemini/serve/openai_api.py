@@ -274,6 +274,8 @@ class OpenAIServer:
         self._lock = threading.Lock()
 
     def router(self) -> APIRouter:
+        """The routes: POST /v1/chat/completions, GET /v1/models and /v1/models/{id}; anything else under /v1
+        is answered in OpenAI's error format (404, or 405 for a known path with another method)."""
         r = APIRouter()
         r.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"], include_in_schema=False)
         r.add_api_route("/v1/models", self.models, methods=["GET"], include_in_schema=False)
@@ -357,6 +359,10 @@ class OpenAIServer:
         return {"id": self.get_name(), "object": "model", "created": self.created, "owned_by": "mini-gemini-studio"}
 
     async def unknown(self, path: str, request: Request):
+        known = {"chat/completions": "POST", "models": "GET"}.get(path.strip("/"))
+        if known:
+            return self._error(APIError(405, f"/v1/{path.strip('/')} takes {known} requests, not {request.method}.",
+                                        code="method_not_allowed", headers={"Allow": known}))
         return self._error(APIError(404, f"There is no endpoint /v1/{path} here; this server offers "
                                          "POST /v1/chat/completions and GET /v1/models.", code="unknown_url"))
 
