@@ -159,6 +159,8 @@ class Turn:
     # the index of the oldest turn the model saw when it wrote this answer (older ones were left out to fit the
     # context); the next turn's window starts from here, so the window is a function of the history alone
     window_start: int = 0
+    # where the turn's time went, in seconds (see `answer.timings`): images, ocr, queue, prefill, first_token, total
+    timings: dict = field(default_factory=dict)
 
 
 @dataclass
