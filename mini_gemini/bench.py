@@ -320,6 +320,7 @@ def main(argv=None):
     ap.add_argument("--upload-only", action="store_true", help="only the huge-upload memory figure")
     ap.add_argument("--serving-only", action="store_true", help="only the many-users-at-once figures")
     ap.add_argument("--no-serving", action="store_true", help="skip the many-users-at-once figures")
+    ap.add_argument("--app-only", action="store_true", help="only the many-users-at-once figures through the app")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mgm-bench"))
     ap.add_argument("--llm-server", metavar="URL", help="also measure serving with the LLM on this vLLM server "
                     "(it must serve the LLM of --checkpoint, see mgm-export-llm)")
@@ -328,23 +329,27 @@ def main(argv=None):
     if args.llm_server and not args.checkpoint:
         ap.error("--llm-server needs --checkpoint (the MGM checkpoint whose LLM it serves)")
     results = {}
-    if args.serving_only:
+    if args.serving_only or args.app_only:
         args.load_only = args.upload_only = False
         args.skip_load = True
-    only = args.load_only or args.upload_only or args.serving_only
+    only = args.load_only or args.upload_only or args.serving_only or args.app_only
     if not (args.load_only or args.serving_only):
         results.update(bench_upload_memory())
     if not only:
         results.update(bench_speed())
-    if not (args.no_serving or args.load_only or args.upload_only):
+    if not (args.no_serving or args.load_only or args.upload_only or args.app_only):
         results.update(bench_serving())
+    if not (args.no_serving or args.load_only or args.upload_only or args.serving_only):
+        from .bench_app import bench_app  # through the app's /chat, as users meet it
+        results.update(bench_app())
     if args.llm_server:
         results.update(bench_serving_vllm(args.llm_server, args.checkpoint))
     if not (args.skip_load or args.upload_only or args.serving_only):
         results.update(bench_load_memory(Path(args.workdir)))
     goals = {"load_memory_ratio": "<= 1.2", "decode_ratio": ">= 0.95", "followup_ttft_ratio": "<= 0.25",
              "mining_overhead": "<= 1.03", "upload_peak_mb": "< 100", "serving_ttft_p95_x8": "<= 3",
-             "serving_all_answers_x8": "<= 0.6"}
+             "serving_all_answers_x8": "<= 0.6", "app_ttft_p95_x8": "<= 3", "app_all_answers_x8": "<= 0.5",
+             "app_answers_equal": "True"}
     for k, v in results.items():
         print(f"{k:>28}: {v}" + (f"   (goal {goals[k]})" if k in goals else ""))
     if args.json:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 def respond(session: ChatSession, turn: Turn, options: GenOptions, restore: Callable[[], None],
             started: dict | None = None) -> Iterator[Event]:
     """Stream the answer to `turn` (the session's last turn). `restore` undoes the turn's changes on failure.
-    `started`: monotonic times of the turn's earlier stages ("start", "images", "ocr") for `Turn.timings`."""
+    `started`: monotonic times of the turn's earlier stages ("start", "images", "ocr") for `Turn.stamps`."""
     eng = session.engine
     stamps = dict(started or {})
     stamps.setdefault("start", time.monotonic())
@@ -60,7 +60,7 @@ def respond(session: ChatSession, turn: Turn, options: GenOptions, restore: Call
             yield fail(explain(e), "oom" if is_oom(e) else "internal")
             return
         settle(turn, run, stopped=session.cancel_event.is_set())
-        turn.timings = timings({**stamps, **run.stamps})
+        turn.stamps = {**stamps, **run.stamps}
         if turn.cancelled:
             yield Event("notice", "Stopped; the partial answer is kept." if turn.assistant else
                                   "Stopped before the answer began.")
@@ -79,22 +79,6 @@ def respond(session: ChatSession, turn: Turn, options: GenOptions, restore: Call
     finally:
         if turn.assistant is None:  # left before any answer existed: as if the turn never started
             restore()
-
-
-def timings(stamps: dict[str, float]) -> dict[str, float]:
-    """Seconds spent in each stage of a turn, from monotonic stamps: images (checking and encoding the new
-    pictures), ocr (reading their text), queue (waiting for a place with the model), prefill (from the place to the
-    first token), first_token (from the start of the turn to its first token) and total (to the end of the answer).
-    Stages that did not happen are left out."""
-    order = ["start", "images", "ocr", "submitted", "admitted", "first_token", "finished"]
-    at = {k: stamps[k] for k in order if k in stamps}
-    out = {}
-    for name, a, b in (("images", "start", "images"), ("ocr", "images", "ocr"), ("queue", "submitted", "admitted"),
-                       ("prefill", "admitted", "first_token"), ("first_token", "start", "first_token"),
-                       ("total", "start", "finished")):
-        if a in at and b in at:
-            out[name] = round(at[b] - at[a], 6)
-    return out
 
 
 def settle(turn: Turn, run: Run, stopped: bool = False) -> None:
