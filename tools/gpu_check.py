@@ -27,7 +27,8 @@ ZeroGPU function; nothing is re-implemented here):
   the unquantised load's, prompt logits against the bf16 model's (a figure; random weights have no
   "right" answer).
 - imagegen: the tiny SDXL pipeline renders through `ImageGenerator` in the device's default dtype (fp16 on
-  CUDA) and matches an fp32 render of the same seed; an `Engine` turn with generate_image draws on the device.
+  CUDA) and matches an fp32 render of the same seed on the same device within 1 pixel level on average (fp16
+  against fp32 on this CPU: 0.04 levels, at most 1); an `Engine` turn with generate_image draws on the device.
 - imagegen_offload (CUDA only): `offload="always"` (model CPU offload) renders the same image, using less
   GPU memory.
 - zerogpu: the app's `@spaces.GPU` function (`mini_gemini.ui.zerogpu.turn_events`) decorated by the real
@@ -38,22 +39,23 @@ Tolerances of the parity check, for a tensor a (device, low precision) against b
 the checkpoint is saved in the low dtype, so both hold exactly the same values and only arithmetic differs).
 With u the unit roundoff (bf16 2^-8 = 3.9e-3, fp16 2^-11 = 4.9e-4), every tolerance is C x u:
 
-| figure | measure | C | bf16 | fp16 | worst seen on the CPU, all 24 cases (C) |
+| figure | measure | C | bf16 | fp16 | worst on this CPU, 24 cases: bf16 (C) / fp16 (C) |
 |---|---|---|---|---|---|
-| visual tokens | ‖a-b‖/‖b‖ | 48 | 0.19 | 0.023 | 0.051 (13) / 0.0061 (12) |
-| mining weights | max abs (probabilities) | 8 | 0.031 | 0.0039 | 0.011 (2.8) / 0.0011 (2.3) |
-| prompt logits | ‖a-b‖/‖b‖ | 128 | 0.5 | 0.0625 | 0.17 (43) / 0.021 (43) |
-| greedy tokens | logit gap | 128 | 0.5 | 0.0625 | 0.19 (49) / 0 |
+| visual tokens | ‖a-b‖/‖b‖ | 48 | 0.19 | 0.023 | 0.050 (13) / 0.0061 (12) |
+| mining weights | max abs (probabilities) | 8 | 0.031 | 0.0039 | 0.011 (2.7) / 0.0008 (1.6) |
+| prompt logits | ‖a-b‖/‖b‖ | 128 | 0.5 | 0.0625 | 0.17 (44) / 0.015 (30) |
+| greedy tokens | logit gap ÷ rms logit | 192 | 0.75 | 0.094 | 0.29 (75) / 0.0041 (8) |
 
 Rounding errors grow with depth and the tiny models are made sensitive on purpose (`testing.tiny.liven`:
-large gains, so that one pixel changes the answer): their amplification C (error ÷ u) is the same for both
-dtypes, about 13 for the visual tokens and 43 for the logits, on the CPU in PyTorch's own kernels. The
-tolerances allow about 3x that for the GPU's kernels (other reduction orders, flash attention rounding its
-softmax to the low dtype); a real fault (a wrong layout, lost scaling, a mask or position bug, NaN) gives
-errors of order 1. Greedy tokens: the device's greedy tokens are replayed on the fp32 model (teacher
+large gains, so that one pixel changes the answer): their amplification C (error ÷ u) is about the same for
+both dtypes, about 13 for the visual tokens and 30-44 for the logits, on the CPU in PyTorch's own kernels.
+The tolerances allow about 3x that for the GPU's kernels (other reduction orders, flash attention rounding
+its softmax to the low dtype); a real fault (a wrong layout, lost scaling, a mask or position bug, NaN)
+gives errors of order 1. Greedy tokens: the device's greedy tokens are replayed on the fp32 model (teacher
 forcing) and at every step the token the device chose must be within `gap` of the fp32 model's best logit
-(gap = the logit tolerance x the rms of the fp32 logits, about 1 here): two decoders may only part ways at
-a near tie. Whether all steps are identical is reported too.
+(gap = its tolerance x the rms of the fp32 logits, about 1 here; a random token lies about 3 below the
+best): two decoders may only part ways at a near tie, where the gap is at most twice the logit error. Later
+steps are still compared, each on the device's own prefix; whether all steps are identical is reported too.
 """
 from __future__ import annotations
 
@@ -83,11 +85,15 @@ CHECKS = ("parity", "size_2b", "size_7b_hd", "quant_4bit", "quant_8bit", "device
           "imagegen_offload", "zerogpu")
 FAMILIES = ("gemma", "vicuna", "llama3", "mistral", "mixtral", "yi")
 UNIT_ROUNDOFF = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
-TOLERANCE_C = {"tokens": 48, "attn": 8, "logits": 128, "gap": 128}
+TOLERANCE_C = {"tokens": 48, "attn": 8, "logits": 128, "gap": 192}
 GREEDY_STEPS = 8
-# Packages the GPU machine lacks, installed from the carried wheels: module -> distribution.
+# Packages the GPU machine lacks, installed from the carried wheels: module -> distribution. spaces and
+# bitsandbytes go without their dependencies: spaces requires gradio, which it never imports outside a
+# Space, and bitsandbytes requires torch, whose own pins pip cannot check offline (torch, numpy and packaging
+# are there, or this script would not run); the others bring theirs from the folder where they are missing.
 WHEEL_PACKAGES = {"diffusers": "diffusers", "bitsandbytes": "bitsandbytes", "pydantic": "pydantic",
                   "spaces": "spaces"}
+NO_DEPS = ("bitsandbytes", "spaces")
 NEEDS_CUDA = "needs CUDA"
 
 
@@ -183,6 +189,9 @@ def summary(report: dict) -> str:
         shown = {k: v for k, v in c["figures"].items() if not isinstance(v, (dict, list))}
         if shown:
             lines.append("      " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+        for k, v in c["figures"].items():  # parity: the worst case per dtype, and its tolerances
+            if k.startswith(("worst_", "tolerance_")):
+                lines.append(f"      {k}: " + ", ".join(f"{a}={b}" for a, b in v.items()))
         for goal in c.get("missed_goals", []):
             lines.append(f"      missed goal: {goal}")
     failed = [n for n, c in report["checks"].items() if c["status"] == "fail"]
@@ -310,9 +319,8 @@ def tiny_engine(device: str, dtype=None, family: str = "vicuna", image_generator
 
 # ---- wheels -------------------------------------------------------------------------------------------
 def install_wheels(folder: Path, log) -> dict:
-    """Install, from `folder` only (no index), the packages of WHEEL_PACKAGES this Python lacks. spaces goes
-    without its dependencies (it requires gradio, which it never imports outside a Space); the others with
-    theirs, each taken from the folder unless already installed. Returns {module: what happened}."""
+    """Install, from `folder` only (no index), the packages of WHEEL_PACKAGES this Python lacks (NO_DEPS
+    without their dependencies). Returns {module: "present" / "installed" / "missing" / why it failed}."""
     state = {}
     missing = [m for m in WHEEL_PACKAGES if importlib.util.find_spec(m) is None]
     for m in WHEEL_PACKAGES:
@@ -325,7 +333,7 @@ def install_wheels(folder: Path, log) -> dict:
     base = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(folder), "-q",
             "--disable-pip-version-check", "--no-warn-script-location"]
     for module in missing:
-        cmd = base + (["--no-deps"] if module == "spaces" else []) + [WHEEL_PACKAGES[module]]
+        cmd = base + (["--no-deps"] if module in NO_DEPS else []) + [WHEEL_PACKAGES[module]]
         out = subprocess.run(cmd, capture_output=True, text=True)
         importlib.invalidate_caches()
         ok = out.returncode == 0 and importlib.util.find_spec(module) is not None
@@ -410,7 +418,10 @@ def real_config(shape: str, quick: bool) -> tuple[dict, str]:
         return (mgm_2b_config() if shape == "2b" else mgm_7b_hd_config()), family
     from mini_gemini.testing.tiny import tiny_config
     from mini_gemini.testing.tiny_tokenizer import build_tokenizer
-    return tiny_config(family, build_tokenizer(family), hd=shape == "7b_hd"), family
+    cfg = tiny_config(family, build_tokenizer(family), hd=shape == "7b_hd")
+    # the true vocabulary, as at full size: random weights write ids the stand-in tokenizer does not know
+    cfg["vocab_size"] = (mgm_2b_config() if shape == "2b" else mgm_7b_hd_config())["vocab_size"]
+    return cfg, family
 
 
 def memory_bandwidth(device: str, quick: bool) -> float:
@@ -512,14 +523,17 @@ def check_size(shape: str, device: str, quick: bool, work: Path, fig: dict, log,
     fig["prompt_tokens"] = len(turn.prompt_ids) - 1 + fig["visual_tokens"]
     fig["ttft_s"] = round(ttft, 4)
     fig["turn_s"] = round(done, 4)
-    decode = (n - 1) / max(done - ttft, 1e-9)
+    # (on tiny --quick models both times are a few ms and their noise can swap them: no figure then)
+    decode = (n - 1) / (done - ttft) if done > ttft else None
     bw = memory_bandwidth(device, quick)
     per_token = bytes_per_token(model, fig["prompt_tokens"] + n // 2)
     bound = bw / per_token
-    fig.update(decode_tok_s=round(decode, 2), bandwidth_gb_s=round(bw / 1e9, 1),
+    fig.update(decode_tok_s=decode and round(decode, 2), bandwidth_gb_s=round(bw / 1e9, 1),
                bytes_per_token_gb=round(per_token / 1e9, 4), decode_bound_tok_s=round(bound, 2),
-               decode_of_bound=round(decode / bound, 3), decode_tokens=n)
-    log(f"{shape}: encode {fig['image_encode_s']} s, ttft {fig['ttft_s']} s, decode {decode:.1f} tok/s "
+               decode_of_bound=decode and round(decode / bound, 3), decode_tokens=n)
+    if decode is None and not quick:
+        raise AssertionError(f"{n} tokens took no longer than 1 ({done:.3f} s vs {ttft:.3f} s)")
+    log(f"{shape}: encode {fig['image_encode_s']} s, ttft {fig['ttft_s']} s, decode {decode} tok/s "
         f"(bound {bound:.1f})")
     # text-only prompt logits, kept as the reference of the quantised loads
     ids = model.processor.tokenize(model.processor.build_prompt([_prompt_turn("Count to ten, please.")]))
@@ -622,7 +636,7 @@ def check_imagegen(device: str, quick: bool, work: Path, fig: dict, log, keep: d
         b = np.asarray(ref.generate(prompt, steps=steps, seed=0)).astype(np.float64)
         fig["vs_float32_mean_abs"] = round(float(np.abs(a - b).mean()), 3)  # pixel levels, 0..255
         fig["vs_float32_max_abs"] = round(float(np.abs(a - b).max()), 1)
-        if not fig["vs_float32_mean_abs"] <= 4.0:
+        if not fig["vs_float32_mean_abs"] <= 1.0:  # fp16 on this CPU: 0.04 levels (max 1); bf16: 0.6 (max 5)
             raise AssertionError(f"{gen.dtype} render differs from float32's by {fig['vs_float32_mean_abs']} levels")
         del ref
     # through the engine: a turn asking for a picture is drawn on the device
@@ -740,7 +754,6 @@ def main(argv=None) -> int:
     report = Report(args, device)
     if wheels is not None:
         report.data["environment"]["wheels"] = wheels
-        report.data["environment"].update({m: _version(m) for m in WHEEL_PACKAGES})
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mgm-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
