@@ -15,9 +15,11 @@ DIR="${1:-tools/gpu_wheels}"
 PYTHON_VERSIONS="${PYTHON_VERSIONS:-3.12 3.11}"
 BNB_KEEP="${BNB_KEEP:-cpu cuda130 cuda132}"
 # diffusers: SDXL (imports importlib_metadata); spaces: the ZeroGPU decorator (imports pydantic, not gradio);
-# bitsandbytes: load_in_4bit / load_in_8bit. Pinned, so that a later run fetches the same files.
-PACKAGES="diffusers==0.42.1 spaces==0.51.3 bitsandbytes==0.50.2 pydantic==2.13.4 annotated-types==0.7.0
-typing-inspection==0.4.2 typing-extensions==4.16.0 importlib-metadata==8.7.0 zipp==4.1.2"
+# bitsandbytes: load_in_4bit / load_in_8bit; transformers: the image's 5.17 is older than the engine needs
+# (5.24: the KV cache is handed over as `cache=`), and 5.24 works with the image's huggingface_hub 1.33 (5.25
+# wants 2.4). Pinned, so that a later run fetches the same files.
+PACKAGES="diffusers==0.42.1 spaces==0.51.3 bitsandbytes==0.50.2 transformers==5.24.0 pydantic==2.13.4
+annotated-types==0.7.0 typing-inspection==0.4.2 typing-extensions==4.16.0 importlib-metadata==8.7.0 zipp==4.1.2"
 PLATFORMS="--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_24_x86_64
 --platform manylinux_2_28_x86_64 --platform manylinux_2_34_x86_64"
 PY="${PYTHON:-python3}"

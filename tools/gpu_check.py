@@ -92,8 +92,11 @@ GREEDY_STEPS = 8
 # Space, and bitsandbytes requires torch, whose own pins pip cannot check offline (torch, numpy and packaging
 # are there, or this script would not run); the others bring theirs from the folder where they are missing.
 WHEEL_PACKAGES = {"diffusers": "diffusers", "bitsandbytes": "bitsandbytes", "pydantic": "pydantic",
-                  "spaces": "spaces"}
-NO_DEPS = ("bitsandbytes", "spaces")
+                  "spaces": "spaces", "transformers": "transformers"}
+NO_DEPS = ("bitsandbytes", "spaces", "transformers")
+# Installed but too old: upgraded from the wheels (the GPU image has transformers 5.17; the engine hands the
+# KV cache over as `cache=`, 5.24's name; 5.24's requirements hold there: huggingface_hub 1.33 >= 1.31, the rest as 5.17's).
+MIN_VERSIONS = {"transformers": "5.24"}
 NEEDS_CUDA = "needs CUDA"
 
 
@@ -321,10 +324,16 @@ def tiny_engine(device: str, dtype=None, family: str = "vicuna", image_generator
 def install_wheels(folder: Path, log) -> dict:
     """Install, from `folder` only (no index), the packages of WHEEL_PACKAGES this Python lacks (NO_DEPS
     without their dependencies). Returns {module: "present" / "installed" / "missing" / why it failed}."""
+    from packaging.version import Version
     state = {}
-    missing = [m for m in WHEEL_PACKAGES if importlib.util.find_spec(m) is None]
     for m in WHEEL_PACKAGES:
-        state[m] = "present" if m not in missing else "missing"
+        if importlib.util.find_spec(m) is None:
+            state[m] = "missing"
+        elif m in MIN_VERSIONS and Version(_version(m)) < Version(MIN_VERSIONS[m]):
+            state[m] = f"{_version(m)} < {MIN_VERSIONS[m]}"
+        else:
+            state[m] = "present"
+    missing = [m for m, what in state.items() if what != "present"]
     if not missing:
         return state
     if not folder.is_dir() or not any(folder.glob("*.whl")):
@@ -333,10 +342,12 @@ def install_wheels(folder: Path, log) -> dict:
     base = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(folder), "-q",
             "--disable-pip-version-check", "--no-warn-script-location"]
     for module in missing:
-        cmd = base + (["--no-deps"] if module in NO_DEPS else []) + [WHEEL_PACKAGES[module]]
+        spec = WHEEL_PACKAGES[module] + (f">={MIN_VERSIONS[module]}" if module in MIN_VERSIONS else "")
+        cmd = base + (["--no-deps"] if module in NO_DEPS else []) + [spec]
         out = subprocess.run(cmd, capture_output=True, text=True)
         importlib.invalidate_caches()
-        ok = out.returncode == 0 and importlib.util.find_spec(module) is not None
+        ok = out.returncode == 0 and importlib.util.find_spec(module) is not None and \
+            (module not in MIN_VERSIONS or Version(_version(module)) >= Version(MIN_VERSIONS[module]))
         state[module] = "installed" if ok else f"install failed: {(out.stderr or out.stdout).strip()[-400:]}"
         log(f"wheels: {module} {state[module]}")
     return state
