@@ -435,6 +435,18 @@ def real_config(shape: str, quick: bool) -> tuple[dict, str]:
     return cfg, family
 
 
+def checkpoint_bytes(cfg: dict) -> int:
+    """Bytes of a bf16 checkpoint of `cfg`'s shapes (counted on a model without storage)."""
+    from accelerate import init_empty_weights
+
+    from mini_gemini.modeling.config import MGMConfig
+    from mini_gemini.modeling.loading import official_state_dict
+    from mini_gemini.modeling.model import MiniGemini
+    with init_empty_weights():
+        model = MiniGemini(MGMConfig.from_dict(cfg))
+    return sum(t.numel() * 2 for t in official_state_dict(model).values())
+
+
 def memory_bandwidth(device: str, quick: bool) -> float:
     """Bytes per second a copy moves (read + written) on `device`: the best of several copies of a buffer
     far larger than any cache (1 GiB on a GPU, 128 MiB on a CPU)."""
@@ -480,7 +492,10 @@ def check_size(shape: str, device: str, quick: bool, work: Path, fig: dict, log,
     from mini_gemini.modeling.loading import load_pretrained
     cfg, tok_family = real_config(shape, quick)
     folder = work / f"mgm-{shape}-random-bf16"
-    free = shutil.disk_usage(work).free
+    free, need = shutil.disk_usage(work).free, checkpoint_bytes(cfg)
+    if free < need + (1 << 30):
+        raise RuntimeError(f"{need / 1e9:.1f} GB of weights do not fit the {free / 1e9:.1f} GB free in {work}: "
+                           "give --workdir a folder with room (e.g. /dev/shm, which is memory)")
     t = time.perf_counter()
     write_random_checkpoint(folder, cfg, tokenizer=tok_family,
                                       device="cuda" if device.startswith("cuda") else "cpu")
