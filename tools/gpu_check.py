@@ -204,9 +204,18 @@ def summary(report: dict) -> str:
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
-def free_memory():
+def free_memory(wait_s: float = 5.0):
+    """Collect garbage until no model is left, for at most `wait_s` (an engine's scheduler thread may hold it
+    a moment after the last answer), then hand the freed GPU memory back: every check starts clean."""
     import torch
-    gc.collect()
+
+    from mini_gemini.modeling.model import MiniGemini
+    deadline = time.monotonic() + wait_s
+    while True:
+        gc.collect()
+        if not any(isinstance(o, MiniGemini) for o in gc.get_objects()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -513,6 +522,8 @@ def check_size(shape: str, device: str, quick: bool, work: Path, fig: dict, log,
         fig["load_s"] = round(time.perf_counter() - t, 2)
     fig["load_peak_gb"] = round(mem.peak / 1e9, 3)
     fig["load_peak_ratio"] = round(mem.peak / size, 3)
+    if device.startswith("cuda"):  # what earlier checks left allocated (their models should be gone)
+        fig["gpu_in_use_before_gb"] = round(mem.base / 1e9, 3)
     keep["load_peak"], keep["load_held"] = mem.peak, mem.held
     log(f"{shape}: loaded in {fig['load_s']} s, peak {fig['load_peak_gb']} GB for {fig['weights_gb']} GB")
     if model.device.type != device.split(":")[0]:
@@ -611,6 +622,8 @@ def check_variant(kind: str, device: str, quick: bool, fig: dict, log, big: dict
         fig["load_s"] = round(time.perf_counter() - t, 2)
     fig["load_peak_gb"] = round(mem.peak / 1e9, 3)
     fig["held_gb"] = round(mem.held / 1e9, 3)
+    if device.startswith("cuda"):
+        fig["gpu_in_use_before_gb"] = round(mem.base / 1e9, 3)
     if big.get("load_held"):
         fig["held_vs_bf16"] = round(mem.held / big["load_held"], 3)
         fig["peak_vs_bf16"] = round(mem.peak / big["load_peak"], 3)
@@ -747,6 +760,7 @@ def check_zerogpu(device: str, fig: dict, log):
         raise AssertionError(f"no handoff of a 2-turn history: {[getattr(e, 'kind', type(e).__name__) for e in events]}")
     fig["handoff_turns"] = len(handoff[0].turns)
     fig["handoff_tokens_on"] = str(handoff[0].turns[0].images[0].tokens.device)  # snapshot: moved to the CPU
+    zerogpu.use_engine(None)
     log(f"zerogpu: turn on {fig['visual_tokens_on']}, handoff of {fig['handoff_turns']} turns")
 
 

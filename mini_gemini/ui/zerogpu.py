@@ -37,10 +37,10 @@ class Handoff:
     turns: list
 
 
-def use_engine(source: Callable[[], Engine]) -> None:
+def use_engine(source: Callable[[], Engine] | None) -> None:
     """Say where `turn_events` finds the engine: `source()` is called at the start of every turn, in the
     process that runs it (a forked ZeroGPU worker inherits this setting). The app passes its loader's
-    `wait` (which raises the app's error while no model is loaded)."""
+    `wait` (which raises the app's error while no model is loaded); None forgets the source."""
     global _engine_source
     _engine_source = source
 
