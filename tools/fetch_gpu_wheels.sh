@@ -65,7 +65,8 @@ EOF
 total=$(du -cb "$DIR"/*.whl | tail -1 | cut -f1)
 tree=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
 ls -l "$DIR"
-echo "wheels: $((total / 1024)) KiB in $DIR; with the tracked files a GPU run carries $(((total + tree) / 1048576)) MiB (limit 64)"
+echo "wheels: $((total / 1024)) KiB in $DIR; with the tracked files a GPU run carries" \
+  "$(((total + tree) / 1048576)) MiB (limit 64)"
 if [ $((total + tree)) -gt $((64 * 1048576)) ]; then
   echo "too large for one GPU run: fewer PYTHON_VERSIONS or BNB_KEEP" >&2
   exit 1

@@ -95,7 +95,8 @@ WHEEL_PACKAGES = {"diffusers": "diffusers", "bitsandbytes": "bitsandbytes", "pyd
                   "spaces": "spaces", "transformers": "transformers"}
 NO_DEPS = ("bitsandbytes", "spaces", "transformers")
 # Installed but too old: upgraded from the wheels (the GPU image has transformers 5.17; the engine hands the
-# KV cache over as `cache=`, 5.24's name; 5.24's requirements hold there: huggingface_hub 1.33 >= 1.31, the rest as 5.17's).
+# KV cache over as `cache=`, 5.24's name; 5.24's requirements hold there: its huggingface_hub 1.33 >= 1.31,
+# the rest as 5.17's).
 MIN_VERSIONS = {"transformers": "5.24"}
 NEEDS_CUDA = "needs CUDA"
 
@@ -506,8 +507,7 @@ def check_size(shape: str, device: str, quick: bool, work: Path, fig: dict, log,
         raise RuntimeError(f"{need / 1e9:.1f} GB of weights do not fit the {free / 1e9:.1f} GB free in {work}: "
                            "give --workdir a folder with room (e.g. /dev/shm, which is memory)")
     t = time.perf_counter()
-    write_random_checkpoint(folder, cfg, tokenizer=tok_family,
-                                      device="cuda" if device.startswith("cuda") else "cpu")
+    write_random_checkpoint(folder, cfg, tokenizer=tok_family, device="cuda" if device.startswith("cuda") else "cpu")
     fig["write_s"] = round(time.perf_counter() - t, 1)
     size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     fig["weights_gb"] = round(size / 1e9, 3)
@@ -757,7 +757,8 @@ def check_zerogpu(device: str, fig: dict, log):
     events = list(zerogpu.turn_events(session.id, history, "And its colour?", [], False, options, False))
     handoff = [e for e in events if isinstance(e, zerogpu.Handoff)]
     if len(handoff) != 1 or len(handoff[0].turns) != 2:
-        raise AssertionError(f"no handoff of a 2-turn history: {[getattr(e, 'kind', type(e).__name__) for e in events]}")
+        kinds = [getattr(e, "kind", type(e).__name__) for e in events]
+        raise AssertionError(f"no handoff of a 2-turn history: {kinds}")
     fig["handoff_turns"] = len(handoff[0].turns)
     fig["handoff_tokens_on"] = str(handoff[0].turns[0].images[0].tokens.device)  # snapshot: moved to the CPU
     zerogpu.use_engine(None)
