@@ -62,8 +62,41 @@ def mgm_2b_config() -> dict:
     return cfg
 
 
-def write_random_checkpoint(out: Path, cfg: dict, dtype=torch.bfloat16, shard_bytes: int = 2 << 30) -> int:
-    """Write a random checkpoint of `cfg`'s shapes without ever holding all of it in memory."""
+def mgm_7b_hd_config() -> dict:
+    """MGM-7B-HD's config.json fields that fix its shapes (Vicuna-7B-v1.5 + CLIP-L/336 in a 2 x 2 grid with a
+    global view + ConvNeXt-L at 1536; DESIGN.md section 1.3): 5 x 576 = 2880 visual tokens."""
+    from transformers import LlamaConfig
+
+    from .modeling.config import DEFAULT_VISION_TOWER, DEFAULT_VISION_TOWER_AUX
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                      rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                      tie_word_embeddings=False).to_dict()
+    cfg.update(model_type="mgm", architectures=["MGMLlamaForCausalLM"], mm_vision_tower=DEFAULT_VISION_TOWER,
+               mm_vision_tower_aux=DEFAULT_VISION_TOWER_AUX, mm_projector_type="mlp2x_gelu", mm_hidden_size=1024,
+               mm_hidden_size_aux=2880, mm_vision_select_layer=-2, mm_vision_select_feature="patch",
+               image_size_aux=1536, image_grid=2, image_global=True, image_aspect_ratio="pad",
+               mm_use_im_start_end=False, mm_use_im_patch_token=False)
+    return cfg
+
+
+def write_random_checkpoint(out: Path, cfg: dict, dtype=torch.bfloat16, shard_bytes: int = 2 << 30,
+                            tokenizer: str = "gemma", device: str = "cpu") -> int:
+    """Write a random checkpoint of `cfg`'s shapes without ever holding all of it in memory.
+
+    Args:
+        out: folder to write (created if needed): config.json, safetensors shards of at most `shard_bytes`
+            (with an index when there are several) and a stand-in tokenizer.
+        cfg: an official config.json dict (e.g. `mgm_2b_config()`, `mgm_7b_hd_config()`).
+        dtype: the weights' dtype on disk.
+        tokenizer: the tiny tokenizer family written as a stand-in (`testing.tiny_tokenizer.FAMILIES`; its
+            ids are small, so it fits any vocabulary): shapes are what matters here.
+        device: where the random numbers are drawn ("cuda" is much faster for billions of them; the values
+            differ from the CPU's for the same seed).
+
+    Returns:
+        The bytes of all weights written.
+    """
     from accelerate import init_empty_weights
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
@@ -78,18 +111,18 @@ def write_random_checkpoint(out: Path, cfg: dict, dtype=torch.bfloat16, shard_by
     meta = official_state_dict(model)  # names and shapes only (meta tensors)
     split = split_torch_state_dict_into_shards({k: v.to(dtype) for k, v in meta.items()},
                                                filename_pattern="model{suffix}.safetensors", max_shard_size=shard_bytes)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     total = 0
     for filename, keys in split.filename_to_tensors.items():
-        shard = {k: (torch.randn(meta[k].shape, generator=gen) * 0.02).to(dtype) for k in keys}
+        shard = {k: (torch.randn(meta[k].shape, generator=gen, device=device) * 0.02).to(dtype).cpu() for k in keys}
         total += sum(t.numel() * t.element_size() for t in shard.values())
         save_file(shard, out / filename, metadata={"format": "pt"})
         del shard
     if split.is_sharded:
         (out / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename}))
-    (out / "config.json").write_text(json.dumps(dict(cfg, torch_dtype="bfloat16"), default=str))
-    build_tokenizer("gemma").save_pretrained(out)  # a stand-in tokenizer: shapes are what matters here
+    (out / "config.json").write_text(json.dumps(dict(cfg, torch_dtype=str(dtype).replace("torch.", "")), default=str))
+    build_tokenizer(tokenizer).save_pretrained(out)
     return total
 
 

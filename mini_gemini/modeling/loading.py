@@ -7,6 +7,7 @@ that names it. Saving writes the same layout, so other MGM tools read what we wr
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ from .processing import MGMProcessor
 from .checkpoint_format import (  # noqa: F401 - the official names and files, re-exported
     LLM_ONLY_PREFIXES, HUB_METADATA, IGNORED_KEYS, WEIGHT_FILES, is_moe, has_tied_embeddings, official_state_dict, read_safetensors,
     read_weights, to_internal, to_official, weight_files)
+
+log = logging.getLogger(__name__)
 
 # ---- locating a checkpoint ------------------------------------------------------------------------
 def resolve(name_or_path: str, revision: str | None = None) -> Path:
@@ -156,7 +159,11 @@ def load_weights(model: MiniGemini, files, dtype: torch.dtype, plan: dict):
 
 
 def _quantize(model: MiniGemini, bits: int, dtype: torch.dtype):
-    """bitsandbytes 4/8-bit for the LLM's decoder Linear layers (towers, projectors and lm_head stay)."""
+    """bitsandbytes 4/8-bit for the LLM's decoder Linear layers (towers, projectors and lm_head stay).
+
+    The layers are swapped in place, still holding their weights on the CPU; bitsandbytes quantises each
+    weight when it is moved to the GPU afterwards (Int8Params only from the CPU: weights already on a
+    GPU would stay unquantised and be converted again at every forward)."""
     try:
         import bitsandbytes as bnb
     except ImportError as e:
@@ -166,13 +173,15 @@ def _quantize(model: MiniGemini, bits: int, dtype: torch.dtype):
             if type(child) is not torch.nn.Linear:
                 continue
             bias = child.bias is not None
+            # device="meta": the layer's own fresh weight is replaced below, so it is never allocated (on
+            # the CPU that would be an fp32 copy of the whole LLM, randomly initialised layer by layer)
             if bits == 4:
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias, compute_dtype=dtype,
-                                      quant_type="nf4")
-                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+                                      quant_type="nf4", device="meta")
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4", module=q)
             else:
                 q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias,
-                                        has_fp16_weights=False, threshold=6.0)
+                                        has_fp16_weights=False, threshold=6.0, device="meta")
                 q.weight = bnb.nn.Int8Params(child.weight.data, requires_grad=False, has_fp16_weights=False)
             if bias:
                 q.bias = child.bias
@@ -191,7 +200,8 @@ def load_pretrained(name_or_path: str, *, device: str | None = None, dtype: torc
         device: "cuda", "cuda:1", "cpu" (default: cuda when available).
         dtype: torch dtype or its name (default: bfloat16 on CUDA, float32 on CPU).
         device_map: None (everything on `device`), "auto" (accelerate spreads it over GPUs and CPU), or a dict.
-        load_in_4bit / load_in_8bit: quantise the LLM's linear layers with bitsandbytes (CUDA only).
+        load_in_4bit / load_in_8bit: quantise the LLM's decoder linear layers with bitsandbytes (CUDA only;
+            the model goes whole onto `device`, `device_map` is not used).
         template: chat template name overriding the one chosen from the config and tokenizer.
         revision: hub revision (branch, tag or commit).
 
@@ -230,8 +240,15 @@ def load_pretrained(name_or_path: str, *, device: str | None = None, dtype: torc
         model.llm.model.layers = torch.nn.ModuleList()
         model.llm.lm_head = None
         model.llm_layers = False
-    plan = _plan_devices(model, device_map, dtype) if device_map is not None else \
-        {"": "cpu" if quant else device}
+    if quant:
+        # bitsandbytes quantises while moving weights from the CPU to the GPU: load on the CPU, then move
+        # the quantised model whole onto `device` (a device_map is not used: a 4-bit 7B fits one GPU)
+        if device_map is not None:
+            log.warning("load_in_4bit / load_in_8bit: device_map=%r is not used; the quantised model goes on %s",
+                        device_map, device)
+        plan = {"": "cpu"}
+    else:
+        plan = _plan_devices(model, device_map, dtype) if device_map is not None else {"": device}
     load_weights(model, weight_files(folder), dtype, plan)
     if quant:
         _quantize(model, quant, dtype)
