@@ -294,13 +294,6 @@ def within(value: float, limit: float) -> bool:
     return value == value and value <= limit  # NaN fails
 
 
-def no_stops(engine):
-    """Let every answer run to its max_new_tokens: random weights may write an end token at any step, and
-    speed figures need a known length (the same as mini_gemini.bench does)."""
-    engine.stop_ids, engine.stop_texts = [], ()
-    engine.model.llm.generation_config.eos_token_id = None
-
-
 def run_turn(session, text, images=(), **options):
     """One `session.chat` turn, timed: (turn, events, seconds to the first text delta, seconds to done)."""
     from mini_gemini.chat import GenOptions
@@ -530,16 +523,17 @@ def check_size(shape: str, device: str, quick: bool, work: Path, fig: dict, log,
         raise AssertionError(f"the model is on {model.device}, not {device}")
 
     engine = Engine(model)
-    no_stops(engine)
     img = test_image()
     new_tokens = 8 if quick else 64
     # warm-up: kernels, cuDNN's choice of convolution algorithms, the scheduler's thread
-    run_turn(engine.session(), "Describe the image.", [img], max_new_tokens=2)
+    # every answer runs to its max_new_tokens (ignore_eos): random weights may write an end token at any step, and
+    # speed figures need a known length (as mini_gemini.bench does)
+    run_turn(engine.session(), "Describe the image.", [img], max_new_tokens=2, ignore_eos=True)
 
     encode_times = []
     for _ in range(3):
         t = time.perf_counter()
-        engine.encode(img)  # returns the mining maps on the CPU: the device has finished
+        engine.runner.encode(img)  # returns the mining maps on the CPU: the device has finished
         encode_times.append(time.perf_counter() - t)
     fig["image_encode_s"] = round(min(encode_times), 4)
 
@@ -547,7 +541,8 @@ def check_size(shape: str, device: str, quick: bool, work: Path, fig: dict, log,
     # token (image encoding, prefill, one step), their difference N - 1 decode steps. Stream deltas would say
     # when text shows, but random weights write ids the stand-in tokenizer decodes to nothing.
     def best(tokens):
-        runs = [run_turn(engine.session(), "Describe the image.", [img], max_new_tokens=tokens) for _ in range(2)]
+        runs = [run_turn(engine.session(), "Describe the image.", [img], max_new_tokens=tokens, ignore_eos=True)
+                for _ in range(2)]
         return min(runs, key=lambda r: r[3])
     turn1, turn = best(1), best(new_tokens)
     ttft, done = turn1[3], turn[3]
@@ -578,7 +573,8 @@ def check_size(shape: str, device: str, quick: bool, work: Path, fig: dict, log,
         keep["ref_logits"] = model.llm(inputs_embeds=model.embed(ids)).logits[0].float().cpu()
     keep["ref_ids"] = ids
 
-    serving = serving_figures(engine, users=(1, 8), new_tokens=6 if quick else 32, repeat=1 if quick else 2)
+    serving = serving_figures(engine, users=(1, 8), new_tokens=6 if quick else 32, repeat=1 if quick else 2,
+                              ignore_eos=True)
     fig.update({f"serving_{k}": v for k, v in serving.items() if k.endswith(("x8", "_s")) or k == "tokens_x1"})
     expected = 8 * (6 if quick else 32)
     if serving.get("tokens_x8") != expected:
@@ -594,8 +590,8 @@ def check_size(shape: str, device: str, quick: bool, work: Path, fig: dict, log,
 
 
 def _prompt_turn(text: str):
-    from mini_gemini.chat.templates import Turn
-    return Turn(text, 0)
+    from mini_gemini.modeling.chat_template import PromptTurn
+    return PromptTurn(text, 0)
 
 
 # ---- 3. quantised and spread --------------------------------------------------------------------------
@@ -641,9 +637,9 @@ def check_variant(kind: str, device: str, quick: bool, fig: dict, log, big: dict
     if not torch.isfinite(logits).all():
         raise AssertionError("non-finite logits")
     engine = Engine(model)
-    no_stops(engine)
     new_tokens = 4 if quick else 16
-    turn, _, _, done = run_turn(engine.session(), "Describe the image.", [test_image()], max_new_tokens=new_tokens)
+    turn, _, _, done = run_turn(engine.session(), "Describe the image.", [test_image()], max_new_tokens=new_tokens,
+                                ignore_eos=True)
     fig.update(answer_tokens=len(turn.token_ids), answer_s=round(done, 3))
     if len(turn.token_ids) != new_tokens:
         raise AssertionError(f"the answer has {len(turn.token_ids)} tokens, not {new_tokens}")
