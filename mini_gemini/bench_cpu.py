@@ -12,7 +12,8 @@ Hooks on the model time the stages of that one turn:
 - cpu_first_token_s: from `chat()` to the end of that forward (preprocessing, encode, prefill);
 - cpu_decode_tok_s: decode steps per second (stamps at every one-token forward of the LLM);
 - cpu_decode_vs_bound: that rate ÷ (memory read bandwidth ÷ bytes of LLM weights one decode step reads), the
-  bandwidth measured in the same process right before (a 1 GB float32 sum, best of 3);
+  bandwidth measured in the same process right before (a 1 GB float32 sum, best of 5: the machine's best
+  read rate, so the ratio errs low);
 - cpu_peak_gb: peak resident memory of the process above what it held before loading; cpu_weights_gb: the
   bytes of the loaded model's parameters and buffers; cpu_load_s: time to load.
 
@@ -86,7 +87,7 @@ llm.register_forward_hook(post, with_kwargs=True)
 
 big = torch.ones(250_000_000)
 def bandwidth():
-    best = min(timeit_once() for _ in range(3))
+    best = min(timeit_once() for _ in range(5))
     return big.numel() * 4 / best
 def timeit_once():
     t = time.perf_counter(); big.sum(); return time.perf_counter() - t

@@ -10,8 +10,14 @@ from torch import nn
 from mini_gemini.chat.engine import Engine, GenOptions
 from mini_gemini.errors import ModelLoadError
 from mini_gemini.modeling.loading import load_pretrained, save_pretrained
-from mini_gemini.modeling.quantization import (Int8Embedding, Int8Experts, Int8Linear, int8_linear, is_quantized,
-                                               quantize_rows)
+from mini_gemini.modeling.quantization import (
+    Int8Embedding,
+    Int8Experts,
+    Int8Linear,
+    int8_linear,
+    is_quantized,
+    quantize_rows,
+)
 from mini_gemini.testing.tiny import LLM_FAMILY
 
 DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
