@@ -46,7 +46,7 @@ def add_model_flags(ap: argparse.ArgumentParser, *, default_model: str, from_env
                        help="quantise the LLM to 8 bits (bitsandbytes, CUDA only)")
     ap.add_argument("--quantize", choices=list(QUANTIZE), default=env("MGM_QUANTIZE", "none") or "none",
                     help="int8: CPU inference with 8-bit weights and activations, quantized while loading "
-                         "(about 4x less memory, 3-4x faster prefill and image encoding than float32; README: CPU)")
+                         "(about 4x less memory than float32, faster prefill, encoding and decode; README: CPU)")
     ap.add_argument("--llm-server", metavar="URL", default=os.environ.get("MGM_LLM_SERVER") or None,
                     help="run the LLM on this vLLM server (started on `mgm-export-llm` output with "
                          "--enable-prompt-embeds; README: Serving the LLM with vLLM), e.g. http://127.0.0.1:8000; "

@@ -1,5 +1,6 @@
 """The int8 CPU path (`load_pretrained(..., quantization="int8")`): kernel math, every family and HD, the
 engine (scheduler and `generate` fallback), and answers of the bundled demo model against float32."""
+import json
 import random
 from pathlib import Path
 
@@ -200,3 +201,23 @@ def test_demo_model_keeps_its_answers():
     total = 2 * n
     assert abs(right["int8"] - right["fp32"]) / total <= 0.02, right
     assert same / total >= 0.95, same
+
+
+def test_cli_quantize_flag_answers_like_the_engine(pairs, tiny_checkpoint, capsys):
+    """`--quantize int8` reaches load_pretrained: the CLI's answer is the int8 model's, token for token."""
+    from PIL import Image
+
+    from mini_gemini.cli import main
+    folder = tiny_checkpoint("gemma")
+    _, model = pairs("gemma", False)
+    img = Image.new("RGB", (64, 48), (200, 30, 30))
+    path = folder.parent / "cli-red.png"
+    img.save(path)
+    code = main(["--model", str(folder), "--image", str(path), "--prompt", "What is in the image?", "--json",
+                 "--max-new-tokens", "6", "--temperature", "0", "--quantize", "int8"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    done = [e for e in Engine(model).session().chat("What is in the image?", [Image.open(path)],
+                                                       options=GenOptions(max_new_tokens=6, **GREEDY))
+            if e.kind == "done"]
+    assert out["text"] == done[0].data.assistant

@@ -210,8 +210,8 @@ def load_pretrained(name_or_path: str, *, device: str | None = None, dtype: torc
         revision: hub revision (branch, tag or commit).
         quantization: None (weights in `dtype`) or "int8": CPU inference with 8-bit weights and activations
             (modeling/quantization.py: the LLM, its head and embedding, and the vision towers' Linear layers),
-            quantized tensor by tensor while loading; about 4x less memory than float32, 3-4x faster prefill
-            and image encoding, decode bound by reading 1 byte per weight. CPU only.
+            quantized tensor by tensor while loading; about 4x less memory than float32, faster prefill,
+            image encoding and decode (README: CPU). CPU only.
 
     Returns:
         `MiniGemini` in eval mode, without gradients, with `.processor` (`MGMProcessor`) and `.name_or_path`.
