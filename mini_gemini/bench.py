@@ -64,8 +64,41 @@ def mgm_2b_config() -> dict:
     return cfg
 
 
-def write_random_checkpoint(out: Path, cfg: dict, dtype=torch.bfloat16, shard_bytes: int = 2 << 30) -> int:
-    """Write a random checkpoint of `cfg`'s shapes without ever holding all of it in memory."""
+def mgm_7b_hd_config() -> dict:
+    """MGM-7B-HD's config.json fields that fix its shapes (Vicuna-7B-v1.5 + CLIP-L/336 in a 2 x 2 grid with a
+    global view + ConvNeXt-L at 1536; DESIGN.md section 1.3): 5 x 576 = 2880 visual tokens."""
+    from transformers import LlamaConfig
+
+    from .modeling.config import DEFAULT_VISION_TOWER, DEFAULT_VISION_TOWER_AUX
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                      rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                      tie_word_embeddings=False).to_dict()
+    cfg.update(model_type="mgm", architectures=["MGMLlamaForCausalLM"], mm_vision_tower=DEFAULT_VISION_TOWER,
+               mm_vision_tower_aux=DEFAULT_VISION_TOWER_AUX, mm_projector_type="mlp2x_gelu", mm_hidden_size=1024,
+               mm_hidden_size_aux=2880, mm_vision_select_layer=-2, mm_vision_select_feature="patch",
+               image_size_aux=1536, image_grid=2, image_global=True, image_aspect_ratio="pad",
+               mm_use_im_start_end=False, mm_use_im_patch_token=False)
+    return cfg
+
+
+def write_random_checkpoint(out: Path, cfg: dict, dtype=torch.bfloat16, shard_bytes: int = 2 << 30,
+                            tokenizer: str = "gemma", device: str = "cpu") -> int:
+    """Write a random checkpoint of `cfg`'s shapes without ever holding all of it in memory.
+
+    Args:
+        out: folder to write (created if needed): config.json, safetensors shards of at most `shard_bytes`
+            (with an index when there are several) and a stand-in tokenizer.
+        cfg: an official config.json dict (e.g. `mgm_2b_config()`, `mgm_7b_hd_config()`).
+        dtype: the weights' dtype on disk.
+        tokenizer: the tiny tokenizer family written as a stand-in (`testing.tiny_tokenizer.FAMILIES`; its
+            ids are small, so it fits any vocabulary): shapes are what matters here.
+        device: where the random numbers are drawn ("cuda" is much faster for billions of them; the values
+            differ from the CPU's for the same seed).
+
+    Returns:
+        The bytes of all weights written.
+    """
     from accelerate import init_empty_weights
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
@@ -80,18 +113,18 @@ def write_random_checkpoint(out: Path, cfg: dict, dtype=torch.bfloat16, shard_by
     meta = official_state_dict(model)  # names and shapes only (meta tensors)
     split = split_torch_state_dict_into_shards({k: v.to(dtype) for k, v in meta.items()},
                                                filename_pattern="model{suffix}.safetensors", max_shard_size=shard_bytes)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     total = 0
     for filename, keys in split.filename_to_tensors.items():
-        shard = {k: (torch.randn(meta[k].shape, generator=gen) * 0.02).to(dtype) for k in keys}
+        shard = {k: (torch.randn(meta[k].shape, generator=gen, device=device) * 0.02).to(dtype).cpu() for k in keys}
         total += sum(t.numel() * t.element_size() for t in shard.values())
         save_file(shard, out / filename, metadata={"format": "pt"})
         del shard
     if split.is_sharded:
         (out / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename}))
-    (out / "config.json").write_text(json.dumps(dict(cfg, torch_dtype="bfloat16"), default=str))
-    build_tokenizer("gemma").save_pretrained(out)  # a stand-in tokenizer: shapes are what matters here
+    (out / "config.json").write_text(json.dumps(dict(cfg, torch_dtype=str(dtype).replace("torch.", "")), default=str))
+    build_tokenizer(tokenizer).save_pretrained(out)
     return total
 
 
@@ -322,34 +355,45 @@ def main(argv=None):
     ap.add_argument("--upload-only", action="store_true", help="only the huge-upload memory figure")
     ap.add_argument("--serving-only", action="store_true", help="only the many-users-at-once figures")
     ap.add_argument("--no-serving", action="store_true", help="skip the many-users-at-once figures")
+    ap.add_argument("--app-only", action="store_true", help="only the many-users-at-once figures through the app")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mgm-bench"))
     ap.add_argument("--llm-server", metavar="URL", help="also measure serving with the LLM on this vLLM server "
                     "(it must serve the LLM of --checkpoint, see mgm-export-llm)")
     ap.add_argument("--checkpoint", help="the MGM checkpoint whose LLM the --llm-server serves")
+    ap.add_argument("--cpu-real-size", action="store_true",
+                    help="only the real-size CPU figures: int8 path vs float32 on an MGM-2B-shaped checkpoint (bench_cpu)")
     args = ap.parse_args(argv)
     if args.llm_server and not args.checkpoint:
         ap.error("--llm-server needs --checkpoint (the MGM checkpoint whose LLM it serves)")
     results = {}
-    if args.serving_only:
+    if args.cpu_real_size:
+        from .bench_cpu import bench_cpu_real_size
+        results.update(bench_cpu_real_size(Path(args.workdir)))
+        args.skip_load = args.no_serving = True
+    if args.serving_only or args.app_only:
         args.load_only = args.upload_only = False
         args.skip_load = True
-    only = args.load_only or args.upload_only or args.serving_only
-    if not (args.load_only or args.serving_only):
+    only = args.cpu_real_size or args.load_only or args.upload_only or args.serving_only or args.app_only
+    if not (args.cpu_real_size or args.load_only or args.serving_only or args.app_only):
         results.update(bench_upload_memory())
     if not only:
         results.update(bench_speed())
         from .bench_openai import bench_openai
         results.update(bench_openai())
-    if not (args.no_serving or args.load_only or args.upload_only):
+    if not (args.no_serving or args.load_only or args.upload_only or args.app_only):
         results.update(bench_serving())
+    if not (args.no_serving or args.load_only or args.upload_only or args.serving_only):
+        from .bench_app import bench_app  # through the app's /chat, as users meet it
+        results.update(bench_app())
     if args.llm_server:
         results.update(bench_serving_vllm(args.llm_server, args.checkpoint))
     if not (args.skip_load or args.upload_only or args.serving_only):
         results.update(bench_load_memory(Path(args.workdir)))
     goals = {"load_memory_ratio": "<= 1.2", "decode_ratio": ">= 0.95", "followup_ttft_ratio": "<= 0.25",
              "mining_overhead": "<= 1.03", "upload_peak_mb": "< 100", "serving_ttft_p95_x8": "<= 3",
-             "openai_followup_ttft_ratio": "<= 0.25",
-             "serving_all_answers_x8": "<= 0.6"}
+             "serving_all_answers_x8": "<= 0.6", "app_ttft_p95_x8": "<= 3", "app_all_answers_x8": "<= 0.5",
+             "app_answers_equal": "True", "cpu_first_token_s": "<= 20", "cpu_decode_vs_bound": ">= 0.8",
+             "openai_followup_ttft_ratio": "<= 0.25"}
     for k, v in results.items():
         print(f"{k:>28}: {v}" + (f"   (goal {goals[k]})" if k in goals else ""))
     if args.json:

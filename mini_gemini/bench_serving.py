@@ -13,7 +13,8 @@ SERVING_PROMPTS = ("What is in the picture?", "Describe a red square.", "Hello t
                    "Why is the circle blue?")
 
 
-def serving_figures(engine, prompts=SERVING_PROMPTS, users=(1, 4, 8), new_tokens: int = 96, repeat: int = 7) -> dict:
+def serving_figures(engine, prompts=SERVING_PROMPTS, users=(1, 4, 8), new_tokens: int = 96, repeat: int = 7,
+                    ignore_eos: bool = False) -> dict:
     """First-token latency and total time when `k` users send at once, through `engine` (greedy, each user a
     different prompt, one thread each, fresh conversations), relative to one user alone.
 
@@ -21,11 +22,11 @@ def serving_figures(engine, prompts=SERVING_PROMPTS, users=(1, 4, 8), new_tokens
     first text delta) over one user's first-token time (the median over the same k prompts, each sent alone the same
     way: one thread started at the same signal). all_answers_x{k}: the time until all k answers are complete
     over the time the same k prompts take one after another. Each figure is the median of `repeat` runs
-    (the machine may be shared)."""
+    (the machine may be shared). ignore_eos: every answer runs to `new_tokens` (random weights)."""
     import numpy as np
 
     from .chat.engine import GenOptions
-    options = GenOptions(temperature=0.0, max_new_tokens=new_tokens)
+    options = GenOptions(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=ignore_eos)
 
     def one(text, t0, out, k):
         first, n = None, 0

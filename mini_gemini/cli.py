@@ -88,10 +88,11 @@ def _main(argv: list[str], as_json: bool) -> int:
     if args.prompt is not None and not args.image and not clean_text(args.prompt).strip():
         return _fail(EMPTY_MESSAGE, "empty_message", as_json)  # known before the model is loaded
     from .modeling.loading import ModelLoadError, load_pretrained
+    from .model_flags import quantization_arg
     try:
         model = load_pretrained(resolve_model_name(args.model), device=args.device, dtype=args.dtype,
                                 load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
-                                template=args.template,
+                                quantization=quantization_arg(args), template=args.template,
                                 llm_layers=not args.llm_server)  # with a server, the LLM's layers run there
     except (ModelLoadError, ValueError, OSError) as e:
         return _fail(str(e), "model", as_json, 2)

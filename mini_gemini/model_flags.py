@@ -11,6 +11,7 @@ import os
 from .constants import DEFAULT_SDXL
 
 DTYPES = ("float32", "float16", "bfloat16")
+QUANTIZE = ("none", "int8")
 
 
 def env_flag(name: str) -> bool:
@@ -20,10 +21,12 @@ def env_flag(name: str) -> bool:
 
 def add_model_flags(ap: argparse.ArgumentParser, *, default_model: str, from_env: bool = False,
                     default_sdxl: str | None = None) -> None:
-    """Add --model, --sdxl, --device, --dtype, --template, --load-in-4bit | --load-in-8bit and --llm-server.
+    """Add --model, --sdxl, --device, --dtype, --template, --load-in-4bit | --load-in-8bit, --quantize and
+    --llm-server.
 
     from_env: defaults come from MGM_MODEL, MGM_SDXL, MGM_DEVICE, MGM_DTYPE, MGM_TEMPLATE, MGM_LOAD_IN_4BIT,
-    MGM_LOAD_IN_8BIT (MGM_LLM_SERVER is read either way). `check_model_flags` refuses both quantisations.
+    MGM_LOAD_IN_8BIT, MGM_QUANTIZE (MGM_LLM_SERVER is read either way). `check_model_flags` refuses two
+    quantisations at once.
     """
     env = os.environ.get if from_env else (lambda name, default=None: default)
     ap.add_argument("--model", default=env("MGM_MODEL", default_model),
@@ -41,6 +44,9 @@ def add_model_flags(ap: argparse.ArgumentParser, *, default_model: str, from_env
                        help="quantise the LLM to 4 bits (bitsandbytes, CUDA only)")
     quant.add_argument("--load-in-8bit", action="store_true", default=from_env and env_flag("MGM_LOAD_IN_8BIT"),
                        help="quantise the LLM to 8 bits (bitsandbytes, CUDA only)")
+    ap.add_argument("--quantize", choices=list(QUANTIZE), default=env("MGM_QUANTIZE", "none") or "none",
+                    help="int8: CPU inference with 8-bit weights and activations, quantized while loading "
+                         "(about 4x less memory than float32, faster prefill, encoding and decode; README: CPU)")
     ap.add_argument("--llm-server", metavar="URL", default=os.environ.get("MGM_LLM_SERVER") or None,
                     help="run the LLM on this vLLM server (started on `mgm-export-llm` output with "
                          "--enable-prompt-embeds; README: Serving the LLM with vLLM), e.g. http://127.0.0.1:8000; "
@@ -51,4 +57,14 @@ def check_model_flags(ap: argparse.ArgumentParser, args: argparse.Namespace) -> 
     """Refuse what argparse cannot see (both quantisations on through the environment)."""
     if args.load_in_4bit and args.load_in_8bit:
         ap.error("choose one of --load-in-4bit and --load-in-8bit")
+    if args.quantize not in QUANTIZE:
+        ap.error(f"--quantize (MGM_QUANTIZE) must be one of {', '.join(QUANTIZE)}")
+    if args.quantize != "none" and (args.load_in_4bit or args.load_in_8bit):
+        ap.error("--quantize is for CPU inference, --load-in-4bit/--load-in-8bit for a GPU: choose one")
     return args
+
+
+def quantization_arg(args: argparse.Namespace) -> str | None:
+    """`load_pretrained`'s quantization= for the parsed flags (None for --quantize none)."""
+    q = getattr(args, "quantize", "none")
+    return None if q in (None, "none") else q

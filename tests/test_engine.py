@@ -329,3 +329,39 @@ def test_regenerate_follows_the_image_switch(vicuna):
     assert kinds(list(s.regenerate(GREEDY, generate_image=True)), "image") and len(gen.prompts) == 2
     kept = list(s.regenerate(GREEDY))  # None: as the turn last asked
     assert kinds(kept, "image") and len(gen.prompts) == 3
+
+
+def test_a_picture_sent_by_many_conversations_at_once_is_encoded_once(vicuna):
+    """Eight conversations send the same new picture at the same moment: one encoding serves them all (the
+    others wait for it), and every one gets the same visual tokens."""
+    eng = Engine(vicuna)
+    calls, gate, asked, everyone = [], threading.Event(), [], threading.Event()
+    real, real_ask = vicuna.encode_images, eng.encode_image
+
+    def slow(*a, **kw):  # the first encoding holds on until every conversation has asked for the picture
+        calls.append(1)
+        gate.wait(60)
+        return real(*a, **kw)
+
+    def ask(image):
+        asked.append(1)
+        if len(asked) == 8:
+            everyone.set()
+        return real_ask(image)
+    vicuna.encode_images, eng.encode_image = slow, ask
+    picture = Image.new("RGB", (33, 21), (10, 200, 90))
+    turns = [None] * 8
+    try:
+        threads = [threading.Thread(target=lambda k=k: turns.__setitem__(k, run(eng.session(), "Hi", [picture],
+                                                                                 options=GREEDY)[1]))
+                   for k in range(8)]
+        for t in threads:
+            t.start()
+        assert everyone.wait(60)
+        gate.set()
+        for t in threads:
+            t.join(120)
+    finally:
+        vicuna.encode_images = real
+    assert len(calls) == 1 and all(t is not None for t in turns)
+    assert all(t.images[0].tokens is turns[0].images[0].tokens for t in turns)

@@ -43,6 +43,7 @@ import ast  # noqa: E402
 # Private names of other libraries that have no public equivalent, each with why it is used.
 THIRD_PARTY_PRIVATE = {
     ("inputs/images.py", "_new"): "Pillow: wrap a decoded pixel core in a plain Image without a copy",
+    ("modeling/quantization.py", "_int_mm"): "PyTorch's int8 x int8 -> int32 product (what torchao uses on CPU)",
 }
 # namedtuple's public API starts with an underscore
 NAMEDTUPLE_API = {"_replace", "_asdict", "_fields", "_make", "_field_defaults"}

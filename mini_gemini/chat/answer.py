@@ -5,6 +5,7 @@ Whatever fails leaves the history as it was (`restore`), with one "error" event 
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -17,9 +18,13 @@ if TYPE_CHECKING:
     from .session import ChatSession
 
 
-def respond(session: ChatSession, turn: Turn, options: GenOptions, restore: Callable[[], None]) -> Iterator[Event]:
-    """Stream the answer to `turn` (the session's last turn). `restore` undoes the turn's changes on failure."""
+def respond(session: ChatSession, turn: Turn, options: GenOptions, restore: Callable[[], None],
+            started: dict | None = None) -> Iterator[Event]:
+    """Stream the answer to `turn` (the session's last turn). `restore` undoes the turn's changes on failure.
+    `started`: monotonic times of the turn's earlier stages ("start", "images", "ocr") for `Turn.stamps`."""
     eng = session.engine
+    stamps = dict(started or {})
+    stamps.setdefault("start", time.monotonic())
 
     def fail(message: str, kind: str) -> Event:
         restore()
@@ -55,6 +60,7 @@ def respond(session: ChatSession, turn: Turn, options: GenOptions, restore: Call
             yield fail(explain(e), "oom" if is_oom(e) else "internal")
             return
         settle(turn, run, stopped=session.cancel_event.is_set())
+        turn.stamps = {**stamps, **run.stamps}
         if turn.cancelled:
             yield Event("notice", "Stopped; the partial answer is kept." if turn.assistant else
                                   "Stopped before the answer began.")

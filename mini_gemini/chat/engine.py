@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 
 from ..inputs.images import LoadedImage
 from .detokenizer import Detokenizer
@@ -92,6 +93,7 @@ class Engine:
             max_sessions, lambda sid, expired: ChatSession(self, sid, expired=expired))
         self.task_scope = model.config.task_scope
         self._recent: OrderedDict[str, EncodedImage] = OrderedDict()   # image key -> its encoding
+        self._encoding: dict[str, Future] = {}                         # image key -> its encoding under way
         self._in_scope: OrderedDict[str, bool] = OrderedDict()         # image key -> like the task's pictures
         self._lock = threading.Lock()
 
@@ -156,19 +158,39 @@ class Engine:
         return LocalRun(request, self.detokenizer, cancel, self.scheduler)
 
     def encode_image(self, image: LoadedImage) -> EncodedImage:
-        """A decoded picture's visual tokens and mining maps; recent pictures (by content hash) are not encoded
-        again, whichever conversation sent them."""
+        """A decoded picture's visual tokens and mining maps. Recent pictures (by content hash) are not encoded
+        again, whichever conversation sent them, and a picture being encoded for one conversation is waited for
+        by another that sends it at the same time (one encoding, not several).
+
+        Raises:
+            whatever the encoding raises (e.g. out of memory); a waiting conversation gets the same error.
+        """
+        if not image.key:
+            return self.runner.encode(image.image)
         with self._lock:
-            hit = self._recent.get(image.key) if image.key else None
+            hit = self._recent.get(image.key)
             if hit is not None:
                 self._recent.move_to_end(image.key)
                 return hit
-        enc = self.runner.encode(image.image)
-        if image.key:
+            pending = self._encoding.get(image.key)
+            mine = pending is None
+            if mine:
+                pending = self._encoding[image.key] = Future()
+        if not mine:
+            return pending.result()
+        try:
+            enc = self.runner.encode(image.image)
+        except BaseException as e:
             with self._lock:
-                self._recent[image.key] = enc
-                while len(self._recent) > RECENT_IMAGES:
-                    self._recent.popitem(last=False)
+                del self._encoding[image.key]
+            pending.set_exception(e)
+            raise
+        with self._lock:
+            self._recent[image.key] = enc
+            while len(self._recent) > RECENT_IMAGES:
+                self._recent.popitem(last=False)
+            del self._encoding[image.key]
+        pending.set_result(enc)
         return enc
 
     def build_prompt(self, turns, first_image: int = 1):

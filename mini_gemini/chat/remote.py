@@ -155,6 +155,7 @@ class RemoteRun(Run):
             if self.halted:
                 return
             req = self.request
+            self.admitted()
             with torch.no_grad():
                 embeds = self.embed(req.prompt_ids, [im.tokens for im in req.images])
             body = self.body(embeds)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -62,6 +63,7 @@ class Run:
         self.ids: list[int] = []        # the answer's ids and text, once settled
         self.text = ""
         self.cached = 0                 # prompt positions the producer did not have to compute
+        self.stamps: dict[str, float] = {}   # monotonic times: "submitted", "admitted", "first_token", "finished"
         self._delivered: list[int] = []
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
@@ -74,8 +76,13 @@ class Run:
         """Whether the producer should stop: Stop was pressed, the consumer left or a stop text was written."""
         return self.halt.is_set() or self.cancel.is_set()
 
+    def admitted(self) -> None:
+        """The producer starts on this answer (it has its place; the prompt is computed next)."""
+        self.stamps.setdefault("admitted", time.monotonic())
+
     def deliver(self, ids: list[int]) -> None:
         """New token ids of the answer, in order."""
+        self.stamps.setdefault("first_token", time.monotonic())
         self._delivered.extend(ids)
         self._queue.put(list(ids))
 
@@ -83,6 +90,7 @@ class Run:
         """The answer ended: all its ids were delivered (or `error` ended it). Called once."""
         if cached is not None:
             self.cached = cached
+        self.stamps.setdefault("finished", time.monotonic())
         self._error = error
         self._done.set()
         self._queue.put(None)
@@ -101,6 +109,7 @@ class Run:
     def __iter__(self) -> Iterator[str | Event]:
         """Text deltas as the answer is written; first, when it has to wait for a place, one "notice" `Event`
         with a `Note` of kind "queue". Raises the producer's error at the end, if any."""
+        self.stamps["submitted"] = time.monotonic()
         ahead = self.start()
         if ahead:
             yield Event("notice", Note("queue", self.waiting_text(ahead)))

@@ -233,6 +233,7 @@ class Scheduler:
         for s in gone:
             self._end(s, keep=False)
         for s in newcomers:
+            s.run.admitted()
             try:
                 s.prepare(self.runner, self.kv_store)
             except Exception as e:  # noqa: BLE001 - this request only
@@ -349,6 +350,7 @@ class SerialScheduler:
             try:
                 if run.halted:  # stopped while it waited: nothing to write
                     return
+                run.admitted()
                 with torch.no_grad():
                     cached = self._generate(run)
             finally:

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -227,6 +228,7 @@ class ChatSession:
             yield Event("error", "This conversation is still answering; wait for it to finish or press Stop.", "busy")
 
     def _chat(self, text: str, images: list, generate_image: bool, options: GenOptions) -> Iterator[Event]:
+        stamps = {"start": time.monotonic()}
         yield from self._open()
         notes = []
         if len(text) > MAX_USER_CHARS:
@@ -237,6 +239,7 @@ class ChatSession:
         except ImageError as e:
             yield Event("error", str(e), e.kind)
             return
+        stamps["images"] = time.monotonic()
         first = len(self.images) + 1
         for k, im in enumerate(entries):
             notes += [Note("image", f"Image {first + k}: {note}.") for note in im.notes]
@@ -246,12 +249,14 @@ class ChatSession:
         self.turns.append(turn)
         for n in turn_ocr.read_for_turn(self, turn):  # GenOptions.ocr: the images' text, read before the prompt
             yield Event("notice", n)
+        if turn.ocr:
+            stamps["ocr"] = time.monotonic()
 
         def restore():
             if self.turns and self.turns[-1] is turn:
                 self.turns.pop()
 
-        yield from answer.respond(self, turn, options, restore)
+        yield from answer.respond(self, turn, options, restore, stamps)
 
     def prepare_images(self, sources) -> list[LoadedImage]:
         """Check and decode the images of a new turn, before anything is encoded.

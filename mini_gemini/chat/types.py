@@ -159,6 +159,24 @@ class Turn:
     # the index of the oldest turn the model saw when it wrote this answer (older ones were left out to fit the
     # context); the next turn's window starts from here, so the window is a function of the history alone
     window_start: int = 0
+    # when each stage of the turn happened (time.monotonic()): start, images, ocr, submitted, admitted, first_token,
+    # finished; `timings` gives the seconds spent in each
+    stamps: dict = field(default_factory=dict)
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds spent in each stage of the turn: images (checking and encoding the new pictures), ocr (reading
+        their text), queue (waiting for a place with the model), prefill (from the place to the first token),
+        first_token (from the start of the turn to its first token) and total (to the end of the answer). Stages
+        that did not happen are left out."""
+        at = self.stamps
+        out = {}
+        for name, a, b in (("images", "start", "images"), ("ocr", "images", "ocr"), ("queue", "submitted", "admitted"),
+                           ("prefill", "admitted", "first_token"), ("first_token", "start", "first_token"),
+                           ("total", "start", "finished")):
+            if a in at and b in at:
+                out[name] = round(at[b] - at[a], 6)
+        return out
 
 
 @dataclass

@@ -7,6 +7,7 @@ that names it. Saving writes the same layout, so other MGM tools read what we wr
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -18,10 +19,13 @@ from .config import MGMConfig
 from .model import MiniGemini
 from .image_processing import ImageProcessor
 from .processing import MGMProcessor
+from .quantization import FORMATS as QUANTIZATION_FORMATS, Int8Loader, is_quantized
 
 from .checkpoint_format import (  # noqa: F401 - the official names and files, re-exported
     LLM_ONLY_PREFIXES, HUB_METADATA, IGNORED_KEYS, WEIGHT_FILES, is_moe, has_tied_embeddings, official_state_dict, read_safetensors,
     read_weights, to_internal, to_official, weight_files)
+
+log = logging.getLogger(__name__)
 
 # ---- locating a checkpoint ------------------------------------------------------------------------
 def resolve(name_or_path: str, revision: str | None = None) -> Path:
@@ -88,13 +92,18 @@ def _device_for(name: str, plan: dict):
     return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
 
 
-def load_weights(model: MiniGemini, files, dtype: torch.dtype, plan: dict):
-    """Stream the checkpoint's tensors into a meta-initialised model (strict, official names)."""
+def load_weights(model: MiniGemini, files, dtype: torch.dtype, plan: dict, quantization: str | None = None):
+    """Stream the checkpoint's tensors into a meta-initialised model (strict, official names).
+
+    quantization="int8": the layers `quantization.Int8Loader` covers are swapped for int8 ones first and each of
+    their tensors is quantized as it arrives (the float model's names and shapes are still what is checked).
+    """
     shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     dropped = not getattr(model, "llm_layers", True)  # load_pretrained(llm_layers=False)
     tied = has_tied_embeddings(model) and not dropped
     if tied:
         shapes.pop("llm.lm_head.weight", None)
+    quant = Int8Loader(model, tied) if quantization else None
     expected = set(shapes)
     fused: dict[str, set] = {}       # fused Mixtral tensor -> official expert keys filled so far
     unexpected, wrong_shape, bad, seen = [], [], set(), set()
@@ -115,6 +124,12 @@ def load_weights(model: MiniGemini, files, dtype: torch.dtype, plan: dict):
             if tuple(t.shape) != want:
                 wrong_shape.append(f"{key} {list(t.shape)} where config.json gives {list(want)}")
                 bad.add(name)
+                continue
+            if quant is not None and quant.take(name, t, slot):
+                if slot is None:
+                    seen.add(name)
+                else:  # one expert's piece: what is absent is reported piece by piece, as below
+                    fused.setdefault(name, set()).add(key)
                 continue
             device = _device_for(name, plan)
             value = t.to(dtype) if t.is_floating_point() else t
@@ -151,12 +166,18 @@ def load_weights(model: MiniGemini, files, dtype: torch.dtype, plan: dict):
         hint = model.config.assumed_towers_note if wrong_shape else ""
         raise ModelLoadError("The checkpoint does not match its config.json — " + "; ".join(parts) +
                              ". Nothing was initialised at random; check that the files are complete." + hint)
-    if tied:
+    if quant is not None:
+        quant.finish(model)
+    elif tied:
         model.llm.tie_weights()
 
 
 def _quantize(model: MiniGemini, bits: int, dtype: torch.dtype):
-    """bitsandbytes 4/8-bit for the LLM's decoder Linear layers (towers, projectors and lm_head stay)."""
+    """bitsandbytes 4/8-bit for the LLM's decoder Linear layers (towers, projectors and lm_head stay).
+
+    The layers are swapped in place, still holding their weights on the CPU; bitsandbytes quantises each
+    weight when it is moved to the GPU afterwards (Int8Params only from the CPU: weights already on a
+    GPU would stay unquantised and be converted again at every forward)."""
     try:
         import bitsandbytes as bnb
     except ImportError as e:
@@ -166,13 +187,15 @@ def _quantize(model: MiniGemini, bits: int, dtype: torch.dtype):
             if type(child) is not torch.nn.Linear:
                 continue
             bias = child.bias is not None
+            # device="meta": the layer's own fresh weight is replaced below, so it is never allocated (on
+            # the CPU that would be an fp32 copy of the whole LLM, randomly initialised layer by layer)
             if bits == 4:
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias, compute_dtype=dtype,
-                                      quant_type="nf4")
-                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+                                      quant_type="nf4", device="meta")
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4", module=q)
             else:
                 q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias,
-                                        has_fp16_weights=False, threshold=6.0)
+                                        has_fp16_weights=False, threshold=6.0, device="meta")
                 q.weight = bnb.nn.Int8Params(child.weight.data, requires_grad=False, has_fp16_weights=False)
             if bias:
                 q.bias = child.bias
@@ -182,7 +205,7 @@ def _quantize(model: MiniGemini, bits: int, dtype: torch.dtype):
 def load_pretrained(name_or_path: str, *, device: str | None = None, dtype: torch.dtype | str | None = None,
                     device_map=None, load_in_4bit: bool = False, load_in_8bit: bool = False,
                     template: str | None = None, revision: str | None = None,
-                    llm_layers: bool = True) -> MiniGemini:
+                    llm_layers: bool = True, quantization: str | None = None) -> MiniGemini:
     """Load an MGM checkpoint (hub id or folder) with its processor (tokenizer, image processor, template).
 
     Args:
@@ -191,9 +214,14 @@ def load_pretrained(name_or_path: str, *, device: str | None = None, dtype: torc
         device: "cuda", "cuda:1", "cpu" (default: cuda when available).
         dtype: torch dtype or its name (default: bfloat16 on CUDA, float32 on CPU).
         device_map: None (everything on `device`), "auto" (accelerate spreads it over GPUs and CPU), or a dict.
-        load_in_4bit / load_in_8bit: quantise the LLM's linear layers with bitsandbytes (CUDA only).
+        load_in_4bit / load_in_8bit: quantise the LLM's decoder linear layers with bitsandbytes (CUDA only;
+            the model goes whole onto `device`, `device_map` is not used).
         template: chat template name overriding the one chosen from the config and tokenizer.
         revision: hub revision (branch, tag or commit).
+        quantization: None (weights in `dtype`) or "int8": CPU inference with 8-bit weights and activations
+            (modeling/quantization.py: the LLM, its head and embedding, and the vision towers' Linear layers),
+            quantized tensor by tensor while loading; about 4x less memory than float32, faster prefill,
+            image encoding and decode (README: CPU). CPU only.
 
     Returns:
         `MiniGemini` in eval mode, without gradients, with `.processor` (`MGMProcessor`) and `.name_or_path`.
@@ -219,6 +247,12 @@ def load_pretrained(name_or_path: str, *, device: str | None = None, dtype: torc
     if quant and not torch.cuda.is_available():
         raise ModelLoadError("4/8-bit loading (bitsandbytes) needs a CUDA GPU; load without it on CPU.")
     device = device or _default_device()
+    if quantization is not None:
+        if quantization not in QUANTIZATION_FORMATS:
+            raise ModelLoadError(f"Unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATION_FORMATS)}.")
+        if quant or device_map is not None or not str(device).startswith("cpu"):
+            raise ModelLoadError(f"quantization={quantization!r} is for CPU inference; on a GPU use "
+                                 "--load-in-8bit / --load-in-4bit instead.")
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
                  "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
@@ -230,9 +264,16 @@ def load_pretrained(name_or_path: str, *, device: str | None = None, dtype: torc
         model.llm.model.layers = torch.nn.ModuleList()
         model.llm.lm_head = None
         model.llm_layers = False
-    plan = _plan_devices(model, device_map, dtype) if device_map is not None else \
-        {"": "cpu" if quant else device}
-    load_weights(model, weight_files(folder), dtype, plan)
+    if quant:
+        # bitsandbytes quantises while moving weights from the CPU to the GPU: load on the CPU, then move
+        # the quantised model whole onto `device` (a device_map is not used: a 4-bit 7B fits one GPU)
+        if device_map is not None:
+            log.warning("load_in_4bit / load_in_8bit: device_map=%r is not used; the quantised model goes on %s",
+                        device_map, device)
+        plan = {"": "cpu"}
+    else:
+        plan = _plan_devices(model, device_map, dtype) if device_map is not None else {"": device}
+    load_weights(model, weight_files(folder), dtype, plan, quantization)
     if quant:
         _quantize(model, quant, dtype)
         model.to(device)
@@ -281,6 +322,9 @@ def save_pretrained(model: MiniGemini, out_dir, *, max_shard_size: str | int = "
         The folder, as a Path.
     """
     from huggingface_hub import split_torch_state_dict_into_shards
+    if is_quantized(model):
+        raise ModelLoadError("This model was loaded with quantization (int8 weights); saving it would lose the "
+                             "float weights. Load the checkpoint without quantization to save it.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = official_state_dict(model)

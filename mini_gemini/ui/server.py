@@ -80,6 +80,7 @@ class Loader:
             self.done.set()
 
     def _load(self, name: str, quant: bool = False, remote: bool = False):
+        from ..model_flags import quantization_arg
         from ..modeling.loading import load_pretrained, resolve
         a = self.args
         self.demo = Path(name).resolve() == demo_model_path().resolve()  # the bundled one-task model
@@ -89,6 +90,7 @@ class Loader:
         self._set(f"Loading the weights of {name} onto {device}…", 0.3)
         model = load_pretrained(str(folder), device=device, dtype=a.dtype, template=a.template,
                                 load_in_4bit=quant and a.load_in_4bit, load_in_8bit=quant and a.load_in_8bit,
+                                quantization=quantization_arg(a) if quant else None,
                                 llm_layers=not remote)  # remote: the LLM's layers run on the --llm-server
         model.name_or_path = name
         return model

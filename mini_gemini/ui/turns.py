@@ -13,11 +13,7 @@ from ..errors import ImageError, SessionBusyError
 from . import server
 from .markup import answer_messages, user_bubble, render
 from .server import Extras, Failed, View, session_of, user_error
-
-try:  # Hugging Face ZeroGPU: `spaces.GPU` borrows a GPU per call there and is a no-op elsewhere
-    import spaces
-except ImportError:
-    spaces = None
+from .zerogpu import Handoff, turn_events, use_engine
 
 log = logging.getLogger(__name__)
 
@@ -41,34 +37,9 @@ class Live:
             self.text, self.notices, self.prompt, self.image_file, self.progress, self.error)
 
 
-@dataclass
-class _Handoff:
-    """The history a ZeroGPU worker hands back at the end of a turn (not an engine event)."""
-    turns: list
-
-
 # ---- running a turn -------------------------------------------------------------------------------
-def _gpu(fn):
-    return spaces.GPU(duration=120)(fn) if spaces is not None else fn
-
-
-@_gpu
-def _events(sid: str, turns: list, text: str, images: list, generate_image: bool, options: GenOptions,
-            regenerate: bool):
-    """The engine's events for one turn. Under ZeroGPU this runs in a forked GPU worker whose engine
-    holds stale sessions: it adopts the caller's history, and hands the new one back at the end."""
-    session = server.LOADER.wait().session(sid)
-    adopted = session.turns is not turns
-    if adopted:
-        session.adopt(turns)
-    events = session.regenerate(options, generate_image=generate_image) if regenerate else \
-        session.chat(text, images, generate_image=generate_image, options=options)
-    try:
-        yield from events
-    finally:
-        events.close()  # a client that went away closes us: the engine then stops generating
-    if adopted:
-        yield _Handoff(session.snapshot())
+# ZeroGPU (ui/zerogpu.py): the decorated turn finds the engine through the app's loader, at call time
+use_engine(lambda: server.LOADER.wait())
 
 
 def run_turn(session, ex: Extras, text: str, files: list, generate_image: bool, options: GenOptions,
@@ -104,7 +75,7 @@ def run_turn(session, ex: Extras, text: str, files: list, generate_image: bool, 
             yield live
             return
     yield live
-    events = _events(session.id, session.turns, text, images, generate_image, options, regenerate)
+    events = turn_events(session.id, session.turns, text, images, generate_image, options, regenerate)
     last = 0.0
     try:
         for ev in events:
@@ -129,7 +100,7 @@ def run_turn(session, ex: Extras, text: str, files: list, generate_image: bool, 
                 live.turn = ev.data
                 live.text = ev.data.assistant or live.text
                 live.prompt = ev.data.image_prompt or live.prompt
-            elif isinstance(ev, _Handoff):  # ZeroGPU: the worker's history replaces ours
+            elif isinstance(ev, Handoff):  # ZeroGPU: the worker's history replaces ours
                 session.adopt(ev.turns)
                 continue
             last = time.monotonic()

@@ -1,0 +1,194 @@
+"""End-to-end serving figures of `python -m mini_gemini.bench`: many users at once through the app's `/chat`, as
+users meet it (upload, decoding, Gradio's queue, image encoding, prefill, streaming), relative to one user alone.
+
+The app runs in its own process (`python app.py --model CKPT --sdxl none --max-new-tokens N`); each user is a plain
+HTTP client of Gradio's API in a thread of this process: it uploads its picture, calls `/chat`
+(`/gradio_api/call/chat`) and reads the server-sent events until the answer is complete, in a fresh conversation.
+The clients block on their sockets (no polling), so they take no CPU from the server they measure.
+
+Where a user's first-token time goes comes from the app's timing log (`MGM_LOG_TIMINGS=1`: one JSON line per turn
+with the monotonic times of its stages, on the same clock as the clients here).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from .bench_serving import SERVING_PROMPTS
+
+
+def _png(width: int = 640, height: int = 420, seed: int = 0) -> bytes:
+    """A photo-sized test picture (smooth colour fields with noise: it compresses like a photo)."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.RandomState(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x / width * 255, y / height * 255, (x + y) / (width + height) * 255], -1)
+    pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+class AppUser:
+    """One user of the app's `/chat` over HTTP (a fresh conversation each `ask`)."""
+
+    def __init__(self, url: str):
+        import httpx
+        self.url = url
+        self.client = httpx.Client(base_url=url, timeout=600, trust_env=False)
+
+    def ask(self, message: str, image: bytes | None, temperature: float = 0.0) -> dict:
+        """Send one turn; returns {"first": s to the first update with text, "total": s to the end, "reply": text,
+        "t0": monotonic start} (times from before the upload)."""
+        session = os.urandom(8).hex()  # Gradio keys conversations by the session hash: a fresh one each time
+        t0 = time.monotonic()
+        files = []
+        if image is not None:
+            r = self.client.post("/gradio_api/upload", files={"files": ("photo.png", image, "image/png")})
+            r.raise_for_status()
+            files = [{"path": r.json()[0], "meta": {"_type": "gradio.FileData"}}]
+        r = self.client.post("/gradio_api/call/chat", json={"data": [message, files, False, temperature],
+                                                             "session_hash": session})
+        r.raise_for_status()
+        first, reply, event = None, "", ""
+        with self.client.stream("GET", f"/gradio_api/call/chat/{r.json()['event_id']}") as resp:
+            for line in resp.iter_lines():
+                if line.startswith("event:"):
+                    event = line.split(":", 1)[1].strip()
+                elif line.startswith("data:") and event in ("generating", "complete"):
+                    data = json.loads(line.split(":", 1)[1])
+                    if data and data[0]:
+                        reply = data[0]
+                        if first is None:
+                            first = time.monotonic() - t0
+                elif line.startswith("data:") and event == "error":
+                    raise RuntimeError(f"/chat failed: {line}")
+        total = time.monotonic() - t0
+        return {"first": first if first is not None else total, "total": total, "reply": reply, "t0": t0,
+                "session": session}
+
+
+def _start_app(checkpoint: str, new_tokens: int, log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    import socket
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", MGM_LOG_TIMINGS="1",
+               PYTHONUNBUFFERED="1")
+    root = Path(__file__).resolve().parent.parent
+    entry = [str(root / "app.py")] if (root / "app.py").exists() else ["-m", "mini_gemini.ui.app"]
+    log = open(log_path, "w")  # noqa: SIM115 - the child keeps writing to it
+    proc = subprocess.Popen([sys.executable, *entry, "--model", checkpoint, "--sdxl", "none", "--device", "cpu",
+                             "--max-new-tokens", str(new_tokens), "--host", "127.0.0.1", "--port", str(port), *extra],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the app exited:\n{log_path.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url + "/config", timeout=2):
+                break
+        except OSError:
+            time.sleep(0.3)
+    return proc, url
+
+
+def _timings(log_path: Path) -> dict[str, dict]:
+    """The app's per-turn timing lines, by session hash."""
+    out = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "timings " in line:
+            try:
+                rec = json.loads(line.split("timings ", 1)[1])
+            except ValueError:
+                continue
+            out[rec.get("session", "")] = rec
+    return out
+
+
+def bench_app(checkpoint: str | None = None, users: int = 8, new_tokens: int = 96, repeat: int = 3,
+              extra_args: tuple = ()) -> dict:
+    """`app_*` figures: first-token time of `users` clients sending a turn with a 640x420 PNG at once, p50/p95 over
+    one user's alone (the same prompts, one at a time); all answers ÷ the same turns one after another; whether every
+    answer equals the solo one; and a breakdown of a concurrent user's first-token time (medians, seconds)."""
+    import numpy as np
+
+    from .modeling.loading import save_pretrained
+    from .testing.tiny import build_tiny
+    work = Path(tempfile.mkdtemp(prefix="mgm-bench-app-"))
+    if checkpoint is None:  # a tiny Llama, as in the issue's measurement
+        checkpoint = str(work / "tiny-llama")
+        save_pretrained(build_tiny("vicuna"), checkpoint)
+    image = _png()
+    log_path = work / "app.log"
+    proc, url = _start_app(checkpoint, new_tokens, log_path, list(extra_args))
+    try:
+        prompts = [f"{p} Describe the picture." for p in SERVING_PROMPTS][:users]
+        AppUser(url).ask(prompts[0], image)  # warm-up (the model loads on the first turn)
+        runs: dict[str, list] = {}
+        crowd_results = []
+        for _ in range(repeat):
+            solo = []
+            for p in prompts:
+                solo.append(AppUser(url).ask(p, image))
+            clients = [AppUser(url) for _ in prompts]
+            out: list = [None] * len(prompts)
+            start = threading.Barrier(len(prompts) + 1)
+
+            def user(i):
+                start.wait()
+                out[i] = clients[i].ask(prompts[i], image)
+            threads = [threading.Thread(target=user, args=(i,)) for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            start.wait()
+            t0 = time.monotonic()
+            for t in threads:
+                t.join()
+            total = time.monotonic() - t0
+            base = float(np.median([s["first"] for s in solo]))
+            firsts = [o["first"] for o in out]
+            runs.setdefault("app_ttft_1_user_s", []).append(base)
+            runs.setdefault(f"app_ttft_p50_x{users}", []).append(float(np.percentile(firsts, 50)) / base)
+            runs.setdefault(f"app_ttft_p95_x{users}", []).append(float(np.percentile(firsts, 95)) / base)
+            runs.setdefault(f"app_all_answers_x{users}", []).append(total / sum(s["total"] for s in solo))
+            runs.setdefault("app_answers_equal", []).append(all(o["reply"] == s["reply"] for o, s in zip(out, solo)))
+            crowd_results += out
+        figures = {k: (round(float(np.median(v)), 3) if k != "app_answers_equal" else all(v))
+                   for k, v in runs.items()}
+        figures.update(_breakdown(crowd_results, _timings(log_path)))
+        return figures
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _breakdown(results: list[dict], timings: dict[str, dict]) -> dict:
+    """Median seconds of each stage of a concurrent user's first token, from the app's timing lines."""
+    import numpy as np
+    stages: dict[str, list] = {}
+    for r in results:
+        t = timings.get(r["session"])
+        if not t:
+            continue
+        marks = [("upload_and_queue", r["t0"], t.get("handler")), ("decode", t.get("handler"), t.get("start")),
+                 ("images", t.get("start"), t.get("images")), ("ocr", t.get("images"), t.get("ocr")),
+                 ("queue", t.get("submitted"), t.get("admitted")), ("prefill", t.get("admitted"), t.get("first_token")),
+                 ("first_event", t.get("first_token"), r["t0"] + r["first"])]
+        for name, a, b in marks:
+            if a is not None and b is not None:
+                stages.setdefault(name, []).append(b - a)
+    return {f"app_breakdown_{k}_s": round(float(np.median(v)), 4) for k, v in stages.items()}
