@@ -145,6 +145,7 @@ def test_regenerate_during_a_stream_redoes_the_answer_after_the_stream_ended(ui)
         messages = page.edit(regenerate)
     (turn,) = session.turns
     assert len(turn.token_ids) == MAX_NEW and not turn.cancelled  # answered again, to its (short) length
+    assert "Stopped; the partial answer is kept." in str(dict(messages)["completed"])  # not run to its end first
     whos = [w for w, _ in messages]
     assert whos.index("completed") < whos.index("edit") and dict(messages)["edit"] == render(session, ex)
 
