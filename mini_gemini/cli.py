@@ -13,7 +13,9 @@ status is not 0.
 as the official demo does ("Reference OCR Token: ..."); the JSON object then has "ocr": one entry per image,
 {"texts": [...], "lines": [{"text", "confidence", "box": [[x, y] x 4] in image pixels}], "seconds", "width",
 "height", "scale"} (null for an image not read), else "ocr" is null.
-`--save-mining FILE.npz` writes one array per image (image0, image1, ...), shaped (views, LR tokens, P*P).
+`--save-mining FILE.npz` writes one array per image (image0, image1, ...), shaped (views, LR tokens, P*P), into a
+new file of exactly that name (an existing file is never overwritten: the run stops with an error first).
+Generated images go to `--out-dir` as mgm-image-N.png, N a number not in use there: no file is ever replaced.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from .files import exclusive_file, new_file, replacing_file
 from .model_flags import add_model_flags
 from .resources import resolve_model_name  # noqa: F401 - `demo` -> the bundled model's folder
 
@@ -40,11 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit in tokens (default 512)")
     ap.add_argument("--seed", type=int, default=None, help="seed for sampling and image generation")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
-    ap.add_argument("--save-mining", metavar="FILE.npz", help="write the mining weights of every image")
+    ap.add_argument("--save-mining", metavar="FILE.npz", help="write the mining weights of every image to this new "
+                                                              "file (refused if it exists)")
     ap.add_argument("--generate-image", action="store_true", help="ask the model for an image (SDXL)")
     ap.add_argument("--ocr", action="store_true", help="read the text in the images (OCR) and add it to every "
                                                        "message as the official demo does (needs the ocr extra)")
-    ap.add_argument("--out-dir", default=".", help="where generated images are written")
+    ap.add_argument("--out-dir", default=".", help="where generated images are written (as mgm-image-N.png, a new N "
+                                                   "each time: no file there is ever replaced)")
     return ap
 
 
@@ -87,6 +92,9 @@ def _main(argv: list[str], as_json: bool) -> int:
     from .chat.types import clean_text
     if args.prompt is not None and not args.image and not clean_text(args.prompt).strip():
         return _fail(EMPTY_MESSAGE, "empty_message", as_json)  # known before the model is loaded
+    if args.save_mining and Path(args.save_mining).exists():  # said before the model loads; never overwritten
+        return _fail(f"{args.save_mining} already exists and would be overwritten: give --save-mining a new file "
+                     "name (or remove that file).", "write", as_json)
     from .modeling.loading import ModelLoadError, load_pretrained
     from .model_flags import quantization_arg
     try:
@@ -100,6 +108,9 @@ def _main(argv: list[str], as_json: bool) -> int:
     if args.generate_image or args.sdxl:
         from .imagegen import DEFAULT_SDXL, ImageGenerator
         imagegen = ImageGenerator(args.sdxl or DEFAULT_SDXL, device=args.device)
+        why = imagegen.check_source()  # said now, not after the answer (offline, nothing cached: no picture)
+        if why:
+            print(f"[image generation unavailable: {why}]", file=sys.stderr)
     engine = Engine(model, imagegen, llm_server=args.llm_server)
     session = engine.session()
     options = GenOptions(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
@@ -129,18 +140,21 @@ def _main(argv: list[str], as_json: bool) -> int:
             print(f"error: {failure['error']}", file=sys.stderr)
         return done
 
+    mining_written = []  # --save-mining: made by this run (then each turn rewrites it), else must not exist
+
     def finish(turn):
+        """Write the turn's picture (a new name in --out-dir, never over a file there) and the mining maps."""
         image_path = None
         if turn.generated_image is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            n = len(list(out_dir.glob("mgm-image-*.png")))
-            image_path = out_dir / f"mgm-image-{n}.png"
-            turn.generated_image.save(image_path)
+            with new_file(out_dir, "mgm-image", ".png") as (image_path, f):
+                turn.generated_image.save(f, format="PNG")
             print(f"[image written to {image_path}]", file=sys.stderr)
         if args.save_mining and session.images:
             from .viz.heatmap import save_npz  # the one writer: the app's download holds the same arrays
-            save_npz(args.save_mining, [im.attn.numpy() for im in session.images],
-                     [im.gain.numpy() for im in session.images])
+            opened = replacing_file(args.save_mining) if mining_written else exclusive_file(args.save_mining)
+            with opened as f:
+                save_npz(f, [im.attn.numpy() for im in session.images], [im.gain.numpy() for im in session.images])
+            mining_written.append(True)
         return image_path
 
     if args.prompt is not None:

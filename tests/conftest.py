@@ -34,3 +34,12 @@ def tiny_sdxl(tmp_path_factory):
     """Folder with a tiny random Stable Diffusion XL pipeline (diffusers layout)."""
     from mini_gemini.testing.tiny_sdxl import build_tiny_sdxl
     return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl-tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def newcomer_app(tmp_path_factory):
+    """URL of `python app.py --model demo` as a newcomer starts it: offline, with a Stable Diffusion XL it cannot
+    have (its log: test_app.LOGS[url])."""
+    from test_app import start_app
+    tmp = tmp_path_factory.mktemp("newcomer")
+    return start_app("demo", tmp / "no-sdxl-here", tmp)

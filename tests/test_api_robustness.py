@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from corpus import EXPECT, make_corpus
-from helpers import endless, fault_at, free_port, on_llm_forward
+from helpers import endless, fault_at, free_port, on_llm_forward, scripted
 from PIL import Image
 
 from mini_gemini.chat.engine import MAX_USER_CHARS
@@ -42,8 +42,9 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def srv(tiny_checkpoint):
-    """The real `app.main` (options, queue, launch limits and all), launched without blocking."""
+def srv(tiny_checkpoint, tmp_path_factory):
+    """The real `app.main` (options, queue, launch limits and all), launched without blocking, with a Gradio
+    cache of its own (what it holds is measured)."""
     import gradio as gr
 
     from mini_gemini.ui import app
@@ -55,6 +56,8 @@ def srv(tiny_checkpoint):
         return real_launch(self, *args, **dict(kw, prevent_thread_lock=True))
 
     port, sigterm = free_port(), signal.getsignal(signal.SIGTERM)
+    cache = pytest.MonkeyPatch()
+    cache.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio-cache")))
     mp = pytest.MonkeyPatch()
     mp.setattr(gr.Blocks, "launch", launch)
     mp.setattr(gr.Blocks, "block_thread", lambda self: None)  # main returns; the server thread serves
@@ -66,8 +69,11 @@ def srv(tiny_checkpoint):
         signal.signal(signal.SIGTERM, sigterm)  # main installs its own: give pytest's back
     from mini_gemini.ui import server
     engine = server.LOADER.wait()
-    yield Server(f"http://127.0.0.1:{port}", server, engine, launched["demo"])
-    launched["demo"].close()
+    try:
+        yield Server(f"http://127.0.0.1:{port}", server, engine, launched["demo"])
+    finally:
+        launched["demo"].close()
+        cache.undo()
 
 
 def client(srv):
@@ -244,7 +250,7 @@ def test_failed_image_generation_keeps_the_text_answer(srv, monkeypatch):
     c = client(srv)
     reply, image, _ = chat(c, "Draw a red square on a white table.", generate_image=True)
     (turn,) = session(srv, c).turns
-    text, prompt = split_image_prompt(turn.assistant)  # the reply shows the prompt as such, never raw tags
+    text, prompt = split_image_prompt(turn.assistant, asked=True)  # the reply shows the prompt as such, never raw tags
     assert image is None and turn.assistant and reply.startswith(text) and "<h>" not in reply
     assert (f"Image prompt: {prompt}" in reply) == bool(prompt)
     assert "Note: Image generation failed:" in reply and "The text answer is kept." in reply
@@ -432,3 +438,101 @@ def test_a_user_error_is_one_log_line_not_a_traceback(srv, tmp_path, capfd):
     about = [line for line in lines if "not an image" in line]
     assert len(about) == 1 and "+traceback" not in about[0]
     assert chat(c, HELLO)[0] is not None
+
+
+# ---- one answer, shown as written -------------------------------------------------------------------------
+HTML = "Write <h>Title</h> for a heading; a lone <h> opens one."
+
+
+def test_an_answer_is_given_as_written_unless_its_turn_asked_for_an_image(srv, monkeypatch):
+    monkeypatch.setattr(srv.app.ARGS, "max_new_tokens", 200)  # room for the whole scripted answer
+    with scripted(srv.engine.model, HTML):  # a model explaining HTML, in a turn that asked for no image
+        reply = chat(client(srv), "How do I write a heading?")[0]
+    assert reply == HTML
+    with scripted(srv.engine.model, "Sure. <h>a red square</h>"):
+        reply = chat(client(srv), "Draw a red square.", generate_image=True)[0]
+    # only here is there an image prompt (not drawn: this server has no image generation)
+    assert reply.startswith("Sure.\n\nImage prompt: a red square\n\nNote: ") and "<h>" not in reply
+
+
+# ---- wrong-typed values -------------------------------------------------------------------------------------
+WRONG = {  # /chat's parameters: message, images, generate_image, temperature
+    "message": [5, 2.5, True, ["x"], {"text": "hi"}],
+    "images": ["photo.png", 3, {"x": 1}, [1, 2], ["photo.png"], [{"path": "x.png"}], [None],
+               [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}]],
+    "generate_image": ["yes", "true", 1, 0, [True], {"on": True}],
+    "temperature": ["hot", "0.5", "nan", True, [0.5], {"t": 1}, -0.1, 2, 99, 1e308],
+}
+GOOD = {"message": "Hello", "images": [], "generate_image": False, "temperature": 0.0}
+
+
+def test_every_wrong_typed_value_gets_one_sentence_and_one_log_line(srv, capfd):
+    import logging
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage() + (" +traceback" if record.exc_info else ""))
+    ours = logging.getLogger("mini_gemini")
+    ours.addHandler(handler)
+    capfd.readouterr()
+    try:
+        for name, values in WRONG.items():
+            for value in values:
+                before = len(lines)
+                event, data = raw_chat(srv, [value if k == name else v for k, v in GOOD.items()])
+                assert event == "error", (name, value, data)
+                message = json.loads(data)["error"]
+                assert message and name in message and message.rstrip(")").endswith(".") and "\n" not in message, \
+                    (name, value, message)
+                clean(message)
+                assert wait_for(lambda n=before: len(lines) > n)
+                assert len([line for line in lines[before:] if line.startswith("refused:")]) == 1, lines[before:]
+                assert "+traceback" not in " ".join(lines[before:])
+    finally:
+        ours.removeHandler(handler)
+    out = capfd.readouterr()
+    assert "Traceback" not in out.out + out.err
+    event, data = raw_chat(srv, ["Hello"])  # too few values: what /chat takes, in one sentence
+    assert event == "error" and "/chat takes 4 values" in json.loads(data)["error"]
+    assert raw_chat(srv, list(GOOD.values()))[0] == "complete"  # and the right types are answered
+
+
+# ---- bounded disk ------------------------------------------------------------------------------------------
+def _photo(path: Path, seed: int) -> Path:
+    """A 256 x 256 picture of noise (a PNG of about 190 kB, as a photo's would be)."""
+    import numpy as np
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _cache_files() -> dict:
+    import gradio.utils
+    return {p: p.stat().st_size for p in Path(gradio.utils.get_upload_folder()).rglob("*") if p.is_file()}
+
+
+def test_files_of_clients_that_left_or_were_dropped_are_deleted(srv, monkeypatch, tmp_path):
+    before = _cache_files()
+    # clients come, each with its own picture, and leave (their page or API client closes)
+    clients = [client(srv) for _ in range(6)]
+    for i, c in enumerate(clients):
+        reply, _, gallery = chat(c, ASK, [_photo(tmp_path / f"photo{i}.png", i)])
+        assert reply and len(gallery) == 2
+    grown = {p: n for p, n in _cache_files().items() if p not in before}
+    assert sum(grown.values()) > 6 * 150_000  # each left its upload and its heatmaps in Gradio's cache
+    for c in clients:
+        c.close()
+    assert wait_for(lambda: not any(c.session_hash in srv.app.EXTRAS for c in clients))
+    # nothing of theirs is left, once the server has dealt with their leaving
+    assert wait_for(lambda: not [p for p in _cache_files() if p not in before]), \
+        [p for p in _cache_files() if p not in before]
+    # clients the server drops (it keeps a bounded number of conversations) lose their files too
+    monkeypatch.setattr(srv.engine.sessions, "max_sessions", 2)
+    stay = [client(srv) for _ in range(5)]
+    for i, c in enumerate(stay):
+        chat(c, ASK, [_photo(tmp_path / f"stay{i}.png", 100 + i)])
+    assert sorted(srv.app.EXTRAS) == sorted(c.session_hash for c in stay[-2:])
+    held = {p: n for p, n in _cache_files().items() if p not in before}
+    uploads = {str(f) for c in stay[-2:] for f in srv.app.EXTRAS[c.session_hash].uploads}
+    assert {str(p) for p in held if str(p) in srv.demo.upload_file_set} == uploads  # only the two kept ones'
+    assert len(held) == 2 * (1 + 2) and sum(held.values()) < 2 * 1_000_000  # each: its upload and two heatmaps
+    for c in stay:
+        c.close()

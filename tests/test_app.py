@@ -170,6 +170,7 @@ def test_missing_model_falls_back_with_a_banner(app_module, tmp_path):
 
 # ---- the running app --------------------------------------------------------------------------------
 _APPS: dict = {}
+LOGS: dict = {}  # URL of a started app -> its log file (stdout and stderr)
 
 
 def start_app(model_dir, sdxl_dir, tmp_dir: Path, max_new_tokens: int = 96) -> str:
@@ -178,6 +179,7 @@ def start_app(model_dir, sdxl_dir, tmp_dir: Path, max_new_tokens: int = 96) -> s
     if key not in _APPS:
         proc, _APPS[key] = launch_app(["--model", model_dir, "--sdxl", sdxl_dir, "--device", "cpu",
                                        "--max-new-tokens", max_new_tokens], tmp_dir, tmp_dir / "app.log")
+        LOGS[_APPS[key]] = tmp_dir / "app.log"
         atexit.register(stop_process, proc)
     return _APPS[key]
 
@@ -246,10 +248,12 @@ def test_the_page_serves_the_examples_and_config(app_url):
     assert endpoints == ["chat"]   # the UI's own events are not part of the public API
 
 
-def test_the_demo_model_loads_without_a_banner(app_module):
+def test_the_demo_model_asked_for_by_name_still_says_what_it_is(app_module):
     loader = app_module.Loader(app_module.parse_args(["--model", "demo", "--sdxl", "none", "--device", "cpu"]))
-    loader._run()
-    assert loader.demo and loader.engine is not None and not loader.banner
+    loader.start().wait()
+    assert loader.demo and loader.engine is not None
+    assert "bundled demo model" in loader.banner and "`demo`" in loader.banner
+    assert "What digit is in the red square?" in loader.banner and "YanweiLi/MGM-2B" in loader.banner
 
 
 def test_mined_pixels_map_puts_each_weight_at_its_hr_position():
@@ -282,3 +286,48 @@ def test_mined_pixels_map_puts_each_weight_at_its_hr_position():
     assert shown.size == (200, 100 + LEGEND_HEIGHT)
     ramp = np.asarray(shown)[100 + 6 + 6]                                # a row through the colour bar
     assert ramp[10].sum() < ramp[100].sum() < ramp[189].sum()
+
+
+# ---- a newcomer's second look ----------------------------------------------------------------------------
+def test_image_generation_that_cannot_work_is_switched_off_at_start_with_its_reason(app_module, monkeypatch,
+                                                                                   tmp_path):
+    import huggingface_hub.constants
+
+    from mini_gemini.ui import app
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline, nothing cached: the default SDXL cannot be had
+    loader = app_module.Loader(app_module.parse_args(["--model", "demo", "--device", "cpu"])).start()
+    engine = loader.wait()
+    switch, why = app.image_switch(engine)
+    assert switch.interactive is False and switch.value is False
+    assert why.startswith("unavailable: Stable Diffusion XL") and "HF_HUB_OFFLINE" in why
+    note = app.switch_note(why, "")
+    assert note.visible and "Generate an image" in note.value and "hf download" in note.value
+
+
+def _log_once(url: str, text: str, timeout: float = 180) -> list[str]:
+    """The app's "[app ...]" log lines, once one of them holds `text` (the model loads after the page is up)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [line for line in LOGS[url].read_text().splitlines() if line.startswith("[app")]
+        if any(text in line for line in lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.2)
+
+
+def test_the_terminal_says_what_happens_from_the_start(newcomer_app):
+    lines = _log_once(newcomer_app, "Ready: ")
+    assert lines[0].endswith("Mini-Gemini Studio is starting: importing Gradio…")
+    stages = ["Building the page", "Starting the web server", "The page is up", "Importing torch…",
+              "Importing transformers…", "Finding ", "Loading the weights", "Checking that Stable Diffusion XL",
+              "Ready: "]
+    seen = [next(i for i, line in enumerate(lines) if stage in line) for stage in stages]
+    assert seen == sorted(seen)  # every stage said, in order, before the next one begins
+
+
+def test_the_demo_model_by_name_and_an_unavailable_sdxl_are_said_at_once(newcomer_app):
+    from gradio_client import Client
+    reply = Client(newcomer_app, verbose=False).predict("Draw the squares.", [], True, 0.0, api_name="/chat")[0]
+    assert "Note: Image generation failed:" in reply and "does not exist" in reply
+    assert "Note: This small demo model was never trained to write image prompts" in reply

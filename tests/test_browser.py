@@ -174,12 +174,17 @@ def test_chat_heatmap_zoom_image_and_markup(browser_page, tiny_checkpoint):
     page.wait_for_selector("#mgm-input img")
 
 
-# Records whether raw image-prompt tags ever showed in the chat while it changed.
+# Records whether raw image-prompt tags ever showed in the answer being written (the rows after the last
+# message) while the chat changed. (An earlier answer that asked for no image is shown as written, tags and all.)
 WATCH_TAGS = """() => {
   window.__rawTags = false;
   const chat = document.querySelector('#mgm-chat');
   new MutationObserver(() => {
-    if (/<\\/?h>/.test(chat.innerText)) window.__rawTags = true;
+    const rows = [...chat.querySelectorAll('.user-row, .bot-row')];
+    let i = rows.length - 1;
+    while (i >= 0 && !rows[i].classList.contains('user-row')) i--;
+    const answer = rows.slice(i + 1).map(r => r.innerText).join('\\n');
+    if (/<\\/?h>/.test(answer)) window.__rawTags = true;
   }).observe(chat, {subtree: true, childList: true, characterData: true});
 }"""
 
@@ -238,3 +243,26 @@ def test_errors_keep_the_panel_and_the_input_and_image_prompts_show_as_such(brow
     assert not page.evaluate("window.__rawTags"), "raw <h> tags showed while the answer streamed"
     page.screenshot(path=str(SHOTS / "07-image-prompt-shown-as-such.png"), full_page=True)
     page.uncheck("#mgm-gen input")
+
+
+def test_a_newcomer_sees_the_demo_banner_and_why_a_switch_is_off_in_a_compact_row(browser_page, newcomer_app):
+    """`--model demo` by name, offline, with an SDXL it cannot have: the banner says what the model is, the
+    switch is off from the start, and the reason is a note under the controls: the buttons stay one short row."""
+    page = browser_page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.set_default_timeout(WAIT)
+        page.goto(newcomer_app)
+        page.wait_for_selector("#mgm-status :text('Ready')")
+        page.wait_for_selector("#mgm-switch-note :text('unavailable')")
+        banner = page.locator("#mgm-banner").inner_text()
+        assert "This is the bundled demo model" in banner and "YanweiLi/MGM-2B" in banner
+        assert page.locator("#mgm-gen input").is_disabled()
+        assert "does not exist" in page.locator("#mgm-switch-note").inner_text()
+        boxes = [page.locator(f"#mgm-{b}").bounding_box() for b in ("stop", "regen", "undo", "clear")]
+        assert len({round(b["y"]) for b in boxes}) == 1  # one row
+        assert all(b["height"] < 48 for b in boxes), boxes  # short buttons, not slabs
+        gen = page.locator("#mgm-gen").bounding_box()
+        assert gen["height"] < 80, gen  # the switch holds no long explanation
+        page.screenshot(path=str(SHOTS / "08-newcomer-offline.png"), full_page=True)
+    finally:
+        page.close()

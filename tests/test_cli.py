@@ -165,3 +165,69 @@ def test_cli_generate_image_writes_png_and_reports_its_prompt(tiny_checkpoint, t
     assert png.parent == out_dir and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(png) as im:
         assert im.mode == "RGB" and im.size == (64, 64)
+
+
+# ---- no file is ever replaced -------------------------------------------------------------------------------
+def test_generated_images_take_new_names_and_never_replace_a_file(tiny_checkpoint, tiny_sdxl, tmp_path, capsys):
+    from mini_gemini.cli import main
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    mine = {"mgm-image-1.png": b"the user's own picture", "mgm-image-3.png": b"another one"}
+    for name, data in mine.items():
+        (out_dir / name).write_bytes(data)
+    written = []
+    for _ in range(3):
+        code = main(["--model", str(tiny_checkpoint("vicuna")), "--prompt", "Draw a cat", "--generate-image",
+                     "--sdxl", str(tiny_sdxl), "--out-dir", str(out_dir), "--json", "--max-new-tokens", "4",
+                     "--seed", "0"])
+        assert code == 0
+        written.append(Path(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["image_path"]))
+    assert len(set(written)) == 3 and not {p.name for p in written} & set(mine)
+    for name, data in mine.items():
+        assert (out_dir / name).read_bytes() == data
+    for p in written:
+        assert p.parent == out_dir and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_save_mining_never_overwrites_a_file(tiny_checkpoint, tmp_path, capsys):
+    from mini_gemini.cli import main
+    image = write_images(tmp_path)[0]
+    taken = tmp_path / "maps.npz"
+    taken.write_bytes(b"results of last week")
+    args = ["--model", str(tiny_checkpoint("vicuna")), "--image", str(image), "--prompt", "Hi", "--json",
+            "--max-new-tokens", "2", "--save-mining"]
+    assert main(args + [str(taken)]) == 1
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["error_kind"] == "write" and "already exists" in out["error"] and "text" not in out  # said first
+    assert taken.read_bytes() == b"results of last week"
+    fresh = tmp_path / "maps-new"  # the name as given: no ".npz" is added behind the user's back
+    assert main(args + [str(fresh)]) == 0
+    assert np.load(fresh, allow_pickle=False)["image0"].dtype == np.float32
+
+
+def test_new_file_names_are_taken_atomically(tmp_path):
+    import threading
+
+    from mini_gemini.files import create_new, new_file
+    (tmp_path / "x-2.png").write_bytes(b"keep")
+    names, barrier = [], threading.Barrier(16)
+
+    def writer(i):
+        barrier.wait()
+        with new_file(tmp_path, "x", ".png") as (path, f):
+            f.write(str(i).encode())
+        names.append(path.name)
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(names)) == 16 and "x-2.png" not in names and (tmp_path / "x-2.png").read_bytes() == b"keep"
+    assert sorted(int((tmp_path / n).read_text()) for n in names) == list(range(16))  # each kept its own content
+    with pytest.raises(RuntimeError):  # a write that fails leaves nothing behind
+        with new_file(tmp_path, "y", ".png"):
+            raise RuntimeError("disk full")
+    assert not list(tmp_path.glob("y-*"))
+    path, fd = create_new(tmp_path / "sub", "z", ".bin")  # the folder is made when missing
+    os.close(fd)
+    assert path == tmp_path / "sub" / "z-1.bin"

@@ -252,3 +252,36 @@ def test_a_failed_load_is_remembered_until_its_cause_changes(tmp_path, monkeypat
     build_tiny_sdxl(folder, seed=0)  # the cause changed
     assert local.unavailable is None
     assert local.load().loaded and local.failure is None
+
+
+def test_an_sdxl_that_cannot_be_had_is_known_before_anyone_asks(tmp_path, monkeypatch, tiny_sdxl_dir):
+    """Offline (or with the hub out of reach) and nothing in the cache: `check_source` says so without loading
+    anything, and the first image request fails at once with that sentence (no trip to diffusers)."""
+    import socket
+
+    import huggingface_hub.constants
+    from diffusers import StableDiffusionXLPipeline
+    calls = []
+    monkeypatch.setattr(StableDiffusionXLPipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **kw: calls.append(a)))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    gen = ImageGenerator(DEFAULT_SDXL, device="cpu")
+    why = gen.check_source()
+    assert why and "is not downloaded" in why and "HF_HUB_OFFLINE" in why and f"hf download {DEFAULT_SDXL}" in why
+    assert gen.unavailable == why
+    with pytest.raises(ImageGenError, match="is not downloaded"):
+        gen.generate("a cat", steps=1)
+    assert calls == []
+    # online, but the hub's host does not answer (a closed port on this machine stands for it)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed}")
+    gen = ImageGenerator(DEFAULT_SDXL, device="cpu")
+    assert "cannot be reached" in gen.check_source(timeout=2) and gen.unavailable
+    # a local folder that is not there, or one that is
+    assert "does not exist" in ImageGenerator(str(tmp_path / "none"), device="cpu").check_source()
+    assert ImageGenerator(str(tiny_sdxl_dir), device="cpu").check_source() is None
+    assert calls == []

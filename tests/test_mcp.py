@@ -259,7 +259,8 @@ def test_the_flag_comes_from_the_command_line_or_the_environment(monkeypatch):
 
 # ---- a real MCP client against the running app ---------------------------------------------------------
 @pytest.fixture(scope="module")
-def mcp_app(tiny_checkpoint, tmp_path_factory):
+def mcp_server(tiny_checkpoint, tmp_path_factory):
+    """(URL, log file) of an app serving the MCP tool."""
     pytest.importorskip("mcp", reason="the MCP tests need the `mcp` package: pip install 'mcp>=1.21,<2'")
     tmp = tmp_path_factory.mktemp("mcp-app")
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
@@ -267,9 +268,14 @@ def mcp_app(tiny_checkpoint, tmp_path_factory):
     proc, url = launch_app(["--model", tiny_checkpoint("vicuna"), "--sdxl", "none", "--device", "cpu",
                             "--max-new-tokens", "48", "--mcp"], tmp, tmp / "app.log", env=env)
     try:
-        yield url
+        yield url, tmp / "app.log"
     finally:
         stop_process(proc)
+
+
+@pytest.fixture(scope="module")
+def mcp_app(mcp_server):
+    return mcp_server[0]
 
 
 async def _with_session(url, work):
@@ -363,3 +369,29 @@ def test_the_chat_endpoint_is_not_an_mcp_tool_but_stays_an_api(mcp_app):
     async def work(s):
         return await s.call_tool("api_chat", {"message": "hi"})
     assert "Unknown tool" in _error(asyncio.run(_with_session(mcp_app, work)))
+
+
+def test_wrong_typed_tool_arguments_get_one_sentence_and_no_traceback(mcp_server):
+    """A value of the wrong JSON type is refused by the MCP layer against the tool's schema (one sentence naming
+    the value and the type wanted; the app never sees it); a number out of range reaches the tool and is refused
+    there in one sentence, with one line in the app's log. No traceback anywhere."""
+    url, log = mcp_server
+    mistyped = [{"message": 5}, {"message": ["hi"]}, {"message": {"text": "hi"}}, {"message": "hi", "image": 3},
+                {"message": "hi", "image": ["data:image/png;base64,AAAA"]}, {"message": "hi", "session_id": 12345678},
+                {"message": "hi", "temperature": "hot"}, {"message": "hi", "temperature": [0.2]},
+                {"message": "hi", "temperature": True}]
+    out_of_range = [{"message": "hi", "temperature": 7}, {"message": "hi", "temperature": -1},
+                    {"message": "hi", "temperature": 1e308}]
+
+    async def work(s):
+        return [await s.call_tool("chat_about_image", args) for args in mistyped + out_of_range]
+    before = log.read_text()
+    results = asyncio.run(_with_session(url, work))
+    for args, result in zip(mistyped, results):
+        error = _error(result)
+        assert "is not of type" in error and "\n" not in error and "Traceback" not in error, (args, error)
+    for args, result in zip(out_of_range, results[len(mistyped):]):
+        error = _error(result)
+        assert error.startswith("temperature must be a number from 0 to 1.5"), (args, error)
+    added = log.read_text()[len(before):]
+    assert "Traceback" not in added and added.count("refused: temperature") == len(out_of_range)

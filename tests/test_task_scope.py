@@ -66,3 +66,28 @@ def test_the_cli_gives_the_note(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert any("only knows questions about the digits" in n for n in result["notes"])
+
+
+def test_an_image_prompt_from_a_model_not_trained_to_write_them_gets_a_note(demo, tiny_checkpoint):
+    assert demo.config.task_scope.image_prompts is False  # declared with the model (assets/demo-model)
+    s = Engine(demo).session()
+    example = examples_dir() / "squares-1.png"
+    turn = run(s, "What digit is in the red square?", [example], generate_image=True, options=GREEDY)[1]
+    (note,) = task_notes(turn)  # the question is the demo model's task: the one note is about the prompt
+    assert note.startswith("This small demo model was never trained to write image prompts") and "MGM-2B" in note
+    turn = run(s, "What digit is in the red square?", options=GREEDY)[1]
+    assert task_notes(turn) == []  # no image asked for: no note
+    turn = run(s, "Draw it bigger", generate_image=True, options=GREEDY)[1]  # outside the task too
+    assert [n.split(":")[0] for n in task_notes(turn)] == ["This is a small demo model",
+                                                          "An image prompt from the demo model again"]
+    # a model that declares no such thing gets no note
+    model = load_pretrained(str(tiny_checkpoint("vicuna")), device="cpu")
+    turn = run(Engine(model).session(), "Draw a cat", generate_image=True, options=GREEDY)[1]
+    assert task_notes(turn) == []
+
+
+def test_the_image_prompts_flag_must_be_a_boolean():
+    from mini_gemini.modeling.task_scope import TaskScope
+    assert TaskScope.from_config({"mgm_task_scope": {"summary": "x"}}).image_prompts is True
+    with pytest.raises(ValueError, match="image_prompts"):
+        TaskScope.from_config({"mgm_task_scope": {"summary": "x", "image_prompts": "no"}})

@@ -37,6 +37,9 @@ from .session_table import SessionTable
 from .types import MAX_USER_CHARS, Event, GenOptions, ImageEntry, Note, Turn, clean_text  # noqa: F401 - public
 
 RECENT_IMAGES = 32   # encoded pictures kept for any conversation (a stateless API resends its images every turn)
+# how the note on an image prompt of a model not trained to write them begins (first showing, later ones)
+IMAGE_PROMPT_NOTES = ("This small demo model was never trained to write image prompts",
+                      "An image prompt from the demo model")
 
 
 class Engine:
@@ -200,23 +203,33 @@ class Engine:
     # ---- what the model knows ---------------------------------------------------------------------
     def task_notes(self, turns: list[Turn]) -> list[Note]:
         """Notes for the answer to turns[-1] when the model declares a task (`MGMConfig.task_scope`, e.g. the
-        bundled demo model) and the question or a picture in view is outside it. The first such note of a
-        conversation says what the model knows and how to get a real one; later ones are short."""
+        bundled demo model) and the question or a picture in view is outside it, or the turn asked for an image
+        from a model that declares it was not trained to write image prompts. The first such note of each kind
+        in a conversation says what the model knows and how to get a real one; later ones are short."""
         scope = self.task_scope
         if scope is None or not turns:
             return []
         turn = turns[-1]
+        earlier = [n for t in turns[:-1] for n in t.notes if getattr(n, "kind", None) == "task"]
+        notes = []
+        if turn.want_image and not scope.image_prompts:  # its image prompt is no description of anything
+            if any(n.startswith(IMAGE_PROMPT_NOTES) for n in earlier):
+                notes.append(Note("task", IMAGE_PROMPT_NOTES[1] + " again: it means nothing, nor does its picture."))
+            else:
+                notes.append(Note("task", IMAGE_PROMPT_NOTES[0] + ": the image prompt it wrote describes nothing, "
+                                          "and the picture drawn from it means nothing. For real image prompts, load "
+                                          "a real checkpoint, e.g. `--model YanweiLi/MGM-2B`."))
         start = turn.window_start
         pictures = [im for t in turns[start:] for im in t.images]
         if scope.covers_question(turn.user) and all(self._picture_in_scope(im) for im in pictures):
-            return []
-        told = any(getattr(n, "kind", None) == "task" for t in turns[:-1] for n in t.notes)
+            return notes
+        told = any(not n.startswith(IMAGE_PROMPT_NOTES) for n in earlier)
         if told:
-            return [Note("task", "Outside the demo model's task again: this answer means nothing.")]
+            return [Note("task", "Outside the demo model's task again: this answer means nothing.")] + notes
         return [Note("task", "This is a small demo model: it only knows " + scope.summary + ". This question or "
                              "picture is outside that, so the answer means nothing. To ask about your own photos, "
                              "load a real checkpoint, e.g. `--model YanweiLi/MGM-2B` (downloaded on first use; "
-                             "offline, the folder of a copy fetched before with `hf download YanweiLi/MGM-2B`).")]
+                             "offline, the folder of a copy fetched before with `hf download YanweiLi/MGM-2B`).")] + notes
 
     def _picture_in_scope(self, im: ImageEntry) -> bool:
         with self._lock:

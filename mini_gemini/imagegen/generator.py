@@ -14,10 +14,12 @@ a message that says what to do.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 import secrets
 import threading
+import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -27,6 +29,8 @@ from ..constants import DEFAULT_SDXL, IMAGE_PROMPT_CLOSE, IMAGE_PROMPT_OPEN
 from ..errors import ImageGenError
 
 log = logging.getLogger(__name__)
+HUB_PROBE_S = 3.0           # how long check_source waits for the hub's host to answer
+RETRY_UNREACHABLE_S = 300.0  # a hub found unreachable is not tried again before this (seconds)
 
 # Things we do not want in the picture; SDXL steers away from them (classifier-free guidance). Kept short
 # enough to fit CLIP's 77-token window, so that no part of it is cut off.
@@ -92,6 +96,29 @@ def extract_image_prompt(text: str) -> str | None:
     return prompt or None
 
 
+
+
+def _offline() -> bool:
+    """Whether the Hugging Face hub may not be called (HF_HUB_OFFLINE, as huggingface_hub reads it)."""
+    import os
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_reachable(timeout: float) -> bool:
+    """Whether a TCP connection to the hub's host (HF_ENDPOINT, default huggingface.co) opens within `timeout` s."""
+    import socket
+    from urllib.parse import urlsplit
+    try:
+        from huggingface_hub import constants
+        endpoint = urlsplit(constants.ENDPOINT)
+    except Exception:  # noqa: BLE001 - no huggingface_hub: nothing could be downloaded anyway
+        return False
+    host, port = endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _download_hint(model: str) -> str:
@@ -160,6 +187,7 @@ class ImageGenerator:
         self._pipe = None
         self.failure: ImageGenError | None = None  # why the last load failed; kept until its cause changes
         self._failed_state = None
+        self._failed_until = float("inf")  # a hub found unreachable is tried again after this (time.monotonic)
         # Re-entrant, so that generate() can load while holding it; one diffusion at a time per pipeline.
         self._lock = threading.RLock()
 
@@ -176,14 +204,14 @@ class ImageGenerator:
             if self._pipe is not None:
                 return self
             state = self._source_state()
-            if self.failure is not None and state == self._failed_state:
+            if self.failure is not None and state == self._failed_state and time.monotonic() < self._failed_until:
                 raise self.failure  # nothing changed since it failed: no second trip to the hub
             report = progress or (lambda fraction, message: None)
             report(0.0, f"Loading Stable Diffusion XL from {self.model}")
             try:
                 pipe = self._from_pretrained()
             except ImageGenError as e:
-                self.failure, self._failed_state = e, state
+                self.failure, self._failed_state, self._failed_until = e, state, float("inf")
                 raise
             self.failure = None
             report(0.8, f"Moving Stable Diffusion XL to {self.device}")
@@ -202,11 +230,47 @@ class ImageGenerator:
 
     @property
     def unavailable(self) -> str | None:
-        """Why image generation cannot work now (the last load failure, while its cause stands), or None."""
+        """Why image generation cannot work now (the last load failure, or `check_source`'s finding, while its
+        cause stands), or None."""
         with self._lock:
             if self.failure is not None and self._source_state() == self._failed_state:
-                return str(self.failure)
+                if time.monotonic() < self._failed_until:
+                    return str(self.failure)
             return None
+
+    def check_source(self, timeout: float = HUB_PROBE_S) -> str | None:
+        """Find out, without loading anything, whether the pipeline can be had: diffusers is installed, and the
+        model is a local diffusers folder, or a hub id that is in the Hugging Face cache or can be fetched
+        (HF_HUB_OFFLINE unset and the hub's host answers within `timeout` seconds). When it cannot, the reason is
+        kept as a failed load: `unavailable` says it and `load` raises it at once, until its cause changes (a
+        hub found unreachable is tried again after RETRY_UNREACHABLE_S). Returns the reason, or None."""
+        with self._lock:
+            if self._pipe is not None:
+                return None
+            state = self._source_state()
+            until = float("inf")
+            if importlib.util.find_spec("diffusers") is None:
+                why = "Image generation needs diffusers: `pip install diffusers accelerate`."
+            elif _is_local(self.model):
+                folder = Path(self.model).expanduser()
+                why = None if (folder / "model_index.json").is_file() else \
+                    f"The Stable Diffusion XL folder {self.model!r} does not exist or holds no model_index.json. " \
+                    f"{_download_hint(DEFAULT_SDXL)}"
+            elif state[1]:  # the pipeline's index is in the Hugging Face cache
+                why = None
+            elif _offline():
+                why = (f"Stable Diffusion XL ({self.model}) is not downloaded, and this server is offline "
+                       f"(HF_HUB_OFFLINE). {_download_hint(self.model)}")
+            elif not _hub_reachable(timeout):
+                why = (f"Stable Diffusion XL ({self.model}) is not downloaded and the Hugging Face hub cannot be "
+                       f"reached from here. {_download_hint(self.model)}")
+                until = time.monotonic() + RETRY_UNREACHABLE_S
+            else:
+                why = None
+            if why is not None:
+                log.info("image generation unavailable: %s", why)
+                self.failure, self._failed_state, self._failed_until = ImageGenError(why), state, until
+            return why
 
     def _source_state(self) -> tuple:
         """A cheap local fingerprint of what loading depends on: the folder (local source) or whether the

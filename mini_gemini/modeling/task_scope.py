@@ -8,9 +8,12 @@ picture is outside it and the answer means nothing.
     "mgm_task_scope": {
         "summary": "questions about the digits and coloured squares of pictures like the examples ...",
         "question_words": ["digit", "number", "square", "colour", "color"],
-        "picture": {"colours": 12, "min_share": 0.85}
+        "picture": {"colours": 12, "min_share": 0.85},
+        "image_prompts": false
     }
 
+`image_prompts` (default true) says whether the model was trained to write image prompts (`<h>...</h>`, for
+image generation): when false, a turn that asks for an image gets a note that the prompt means nothing.
 A question is in scope when it holds one of `question_words`. A picture is in scope when it is made of a few
 flat colours like the task's scenes: downscaled to 64 x 64 (nearest) with 16 levels per channel, its
 `colours` most frequent colours cover at least `min_share` of the pixels (scenes: >= 0.90 even as JPEG at
@@ -31,6 +34,7 @@ class TaskScope:
     question_words: tuple[str, ...] = ()
     colours: int = 12
     min_share: float = 0.85
+    image_prompts: bool = True     # trained to write image prompts (<h>...</h>) when asked for an image
 
     @classmethod
     def from_config(cls, raw: dict) -> TaskScope | None:
@@ -45,8 +49,12 @@ class TaskScope:
         if not isinstance(entry, dict) or not isinstance(entry.get("summary"), str):
             raise ValueError(f"config.json's {SCOPE_KEY} must be an object with a 'summary' string")
         picture = entry.get("picture") or {}
+        image_prompts = entry.get("image_prompts", True)
+        if not isinstance(image_prompts, bool):
+            raise ValueError(f"config.json's {SCOPE_KEY}.image_prompts must be true or false")
         return cls(summary=entry["summary"], question_words=tuple(str(w).lower() for w in entry.get("question_words", ())),
-                   colours=int(picture.get("colours", 12)), min_share=float(picture.get("min_share", 0.85)))
+                   colours=int(picture.get("colours", 12)), min_share=float(picture.get("min_share", 0.85)),
+                   image_prompts=image_prompts)
 
     def covers_question(self, text: str) -> bool:
         """Whether a question belongs to the task (holds one of its words; no words declared: every question)."""

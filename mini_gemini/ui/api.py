@@ -11,40 +11,48 @@ import gradio as gr
 from ..chat import clean_text
 from .markup import split_image_prompt
 from .mining_panel import heatmap_gallery
+from .params import MAX_TEMPERATURE, temperature_param
 from .server import session_of, user_error
 from .turns import gen_options, run_turn
 
 log = logging.getLogger(__name__)
 TIMINGS_LOG = os.environ.get("MGM_LOG_TIMINGS", "").lower() in ("1", "true", "yes", "on")
-
+# what /chat takes, said to a client whose call Gradio could not even read (see params.CheckedBlocks)
+CHAT_SHAPE = ("/chat takes 4 values: message (text), images (a list of files uploaded with the call, e.g. "
+              "gradio_client's handle_file(path), or empty), generate_image (true or false) and temperature (a "
+              f"number from 0 to {MAX_TEMPERATURE}).")
 
 # ---- API ------------------------------------------------------------------------------------------
 def api_chat(message: str, images: list | None, generate_image: bool, temperature: float, request: gr.Request):
     """One chat turn for API clients. Each client (its Gradio session) has its own history.
 
     Returns (reply text, generated image or None, gallery of mining heatmaps for every image so far); the
-    reply ends with the turn's notes, if any, each a paragraph starting with "Note: ".
+    reply ends with the turn's notes, if any, each a paragraph starting with "Note: ". A value of the wrong
+    type is refused in one sentence (gr.Error) that says what to send.
     """
+    message, generate_image = message or "", bool(generate_image)  # types checked by params.CheckedBlocks
+    temperature = temperature_param(temperature)
     files = [f if isinstance(f, str) else getattr(f, "path", None) or f.get("path") for f in (images or [])]
     if not clean_text(message).strip() and not files:
         raise user_error("Send a message, an image, or both.")
     handler = time.monotonic()
     session, ex = session_of(request)
     live = None
-    for live in run_turn(session, ex, message or "", files, bool(generate_image), gen_options(temperature or 0.0)):
+    for live in run_turn(session, ex, message, files, generate_image, gen_options(temperature)):
         if live.error is None:
-            yield api_reply(live.text, []), None, []
+            yield api_reply(live.text, [], asked=live.asked), None, []
     if live.error:
         raise gr.Error(live.error, print_exception=False)  # already logged, in one line, by run_turn
     answer = live.turn.assistant if live.turn is not None else live.text
     if live.turn is not None and TIMINGS_LOG:  # MGM_LOG_TIMINGS=1: where the turn's time went (the benchmark reads it)
         log.info("timings %s", json.dumps({"session": session.id, "handler": handler, **live.turn.stamps}))
-    yield api_reply(answer, live.notices), live.image_file, heatmap_gallery(session)
+    yield api_reply(answer, live.notices, asked=live.asked), live.image_file, heatmap_gallery(session, ex)
 
 
-def api_reply(answer: str, notices: list) -> str:
+def api_reply(answer: str, notices: list, *, asked: bool) -> str:
     """The answer, then what the user should know about the turn (message cut, image not drawn, ...): API
-    clients have no other place to see it. Each note is its own paragraph starting with "Note: "."""
-    text, prompt = split_image_prompt(answer)
+    clients have no other place to see it. Each note is its own paragraph starting with "Note: ". Only a turn
+    that `asked` for an image has an "Image prompt: " paragraph; any other answer is given as written."""
+    text, prompt = split_image_prompt(answer, asked=asked)
     return "\n\n".join(([text] if text else []) + ([f"Image prompt: {prompt}"] if prompt else []) +
                        [f"Note: {n}" for n in notices])

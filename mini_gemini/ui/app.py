@@ -16,7 +16,6 @@ gets its own conversation (keyed by Gradio's session hash). API: the named endpo
 """
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -31,12 +30,14 @@ from ..resources import examples_dir
 from ..serve.openai_api import mount_in_app
 from ..viz import heatmap as hm
 from . import mcp, server
-from .api import api_chat
+from .api import CHAT_SHAPE, api_chat
+from .console import log_to_console
 from .markup import code, literal
 from .mining_panel import MAPS, MINED, click_ui, panel_after_turn, panel_ui
+from .params import CheckedBlocks
 from .server import Loader, end_session
-from .settings import CMAPS, CSS, RED_SQUARE, TURNS_AT_ONCE, parse_args
-from .turns import buttons_ui, chat_ui, clear_ui, regenerate_ui, stop_ui, undo_ui
+from .settings import CACHE_SWEEP_S, CMAPS, CSS, RED_SQUARE, TURNS_AT_ONCE, parse_args
+from .turns import buttons_ui, chat_ui, clear_ui, regenerate_ui, stop_ui, turn_shown_ui, undo_ui
 
 if TYPE_CHECKING:
     from ..chat import Engine
@@ -50,7 +51,8 @@ def model_info(engine: Engine | None) -> str:
     hd = f"HD: 2×2 crops of {c.lr_size} px + a global view" if c.image_grid > 1 else f"{c.lr_size} px"
     gen = engine.imagegen
     sdxl = "off" if gen is None else f"{code(gen.model)} " + (
-        "(ready)" if gen.loaded else "(**unavailable**, see the switch)" if gen.unavailable else "(loads on first use)")
+        "(ready)" if gen.loaded else "(**unavailable**, see the note under the switches)" if gen.unavailable
+        else "(loads on first use)")
     return (f"**Model** {literal(str(m.name_or_path))} · LLM family **{c.family}** · template "
             f"`{m.processor.template.name}`  \n"
             f"**LR** {hd} → {layout.side}×{layout.side} tokens per view · **HR** {c.image_size_aux} px → "
@@ -60,51 +62,64 @@ def model_info(engine: Engine | None) -> str:
 
 
 def watch_loading(progress=gr.Progress()):
-    """Progress line while the model loads; then the banner, the model panel and the HD view switch."""
+    """Progress line while the model loads; then the banner, the model panel, the HD view switch, and the two
+    switches with the note saying why one is off."""
     while not server.LOADER.done.wait(0.3):
         progress(server.LOADER.fraction, desc=server.LOADER.stage)
-        yield (f"Loading: {literal(server.LOADER.stage)} ({time.monotonic() - server.LOADER.started:.0f} s)", gr.skip(), gr.skip(),
-               gr.skip(), gr.skip(), gr.skip())
+        yield (f"Loading: {literal(server.LOADER.stage)} ({time.monotonic() - server.LOADER.started:.0f} s)",
+               *(gr.skip() for _ in range(6)))
     engine = server.LOADER.engine
     if engine is None:
-        yield (f"**Error:** {literal(server.LOADER.failure)}", gr.Markdown(visible=False), "", gr.skip(), gr.skip(),
-               gr.skip())
+        yield (f"**Error:** {literal(server.LOADER.failure)}", gr.Markdown(visible=False), "",
+               *(gr.skip() for _ in range(4)))
         return
     layout = hm.Layout.from_config(engine.model.config)
+    (gen, gen_why), (ocr, ocr_why) = image_switch(engine), ocr_switch(engine, demo=server.LOADER.demo)
     yield (f"Ready: {literal(str(engine.model.name_or_path))}",
            gr.Markdown(server.LOADER.banner, visible=bool(server.LOADER.banner)), model_info(engine),
            gr.Radio(choices=list(layout.choices()), value=hm.CROPS, visible=layout.global_view),
-           image_switch(engine), ocr_switch(engine, demo=server.LOADER.demo))
+           gen, ocr, switch_note(gen_why, ocr_why))
 
 
-def ocr_switch(engine: Engine, demo: bool) -> gr.Checkbox:
+def ocr_switch(engine: Engine, demo: bool) -> tuple[gr.Checkbox, str]:
     """"Read text (OCR)": on for real checkpoints, off for the demo model (it was not trained with OCR text,
-    and OCR would read its digits for it); unavailable, with the install line, without the OCR extra."""
+    and OCR would read its digits for it); unavailable, with the install line, without the OCR extra. Returns
+    the switch and why it is off ("" when it is on offer as usual)."""
     why = engine.ocr_unavailable_reason()
     if why:
-        return gr.Checkbox(value=False, interactive=False, info=f"unavailable: {why}")
-    return gr.Checkbox(value=not demo, interactive=True,
-                       info="off for the demo model: it reads its digits itself" if demo else None)
+        return gr.Checkbox(value=False, interactive=False), f"unavailable: {why}"
+    return gr.Checkbox(value=not demo, interactive=True), "off for the demo model: it reads its digits itself" \
+        if demo else ""
 
 
-def image_switch(engine: Engine) -> gr.Checkbox:
-    """The "Generate an image" switch as image generation stands: off and saying why while it cannot work
-    (not configured, or its last load failed and nothing has changed since)."""
+def image_switch(engine: Engine) -> tuple[gr.Checkbox, str]:
+    """The "Generate an image" switch as image generation stands: off while it cannot work (not configured,
+    Stable Diffusion XL neither cached nor reachable, or its last load failed and nothing has changed since).
+    Returns the switch and why it is off ("" when it can be used)."""
     gen = engine.imagegen
     if gen is None:
-        return gr.Checkbox(value=False, interactive=False, info="off: start the app with --sdxl MODEL to enable it")
+        return gr.Checkbox(value=False, interactive=False), "off: start the app with --sdxl MODEL to enable it"
     why = gen.unavailable
     if why:
-        return gr.Checkbox(value=False, interactive=False, info=f"unavailable: {why}")
-    return gr.Checkbox(interactive=True, info=None)
+        return gr.Checkbox(value=False, interactive=False), f"unavailable: {why}"
+    return gr.Checkbox(interactive=True), ""
+
+
+def switch_note(gen_why: str, ocr_why: str) -> gr.Markdown:
+    """One small line under the switches and buttons for each switch that is off, saying why (in the
+    switches' own `info` it would stretch the whole row into tall columns)."""
+    lines = [f"**{name}:** {literal(why)}" for name, why in (("Generate an image", gen_why),
+                                                              ("Read text (OCR)", ocr_why)) if why]
+    return gr.Markdown("  \n".join(lines), visible=bool(lines))
 
 
 def imagegen_state_ui():
-    """After a turn: the switch and the model panel follow what image generation can do now."""
+    """After a turn: the switch, its note and the model panel follow what image generation can do now."""
     engine = server.LOADER.engine
     if engine is None:
-        return gr.skip(), gr.skip()
-    return image_switch(engine), model_info(engine)
+        return gr.skip(), gr.skip(), gr.skip()
+    gen, gen_why = image_switch(engine)
+    return gen, model_info(engine), switch_note(gen_why, ocr_switch(engine, demo=server.LOADER.demo)[1])
 
 
 # ---- the page -------------------------------------------------------------------------------------
@@ -113,7 +128,9 @@ def _examples() -> list:
 
 
 def build_demo() -> gr.Blocks:
-    with gr.Blocks(title="Mini-Gemini") as demo:
+    age = server.ARGS.cache_max_age  # Gradio deletes its cached files older than this (a client's go when it leaves)
+    with CheckedBlocks(title="Mini-Gemini", shapes={"chat": CHAT_SHAPE, mcp.TOOL_NAME: mcp.TOOL_SHAPE},
+                       delete_cache=(min(age, CACHE_SWEEP_S), age) if age > 0 else None) as demo:
         gr.Markdown("## Mini-Gemini — chat with images, see what patch info mining looked at")
         banner = gr.Markdown(visible=False, elem_id="mgm-banner")
         status = gr.Markdown("Loading the model…", elem_id="mgm-status")
@@ -125,14 +142,18 @@ def build_demo() -> gr.Blocks:
                 textbox = gr.MultimodalTextbox(file_types=["image"], file_count="multiple", sources=["upload"],
                                                placeholder="Ask about an image: type, upload or paste…",
                                                show_label=False, elem_id="mgm-input")
-                with gr.Row(equal_height=True):
+                # the switches, then the buttons, each on a row of its own; why a switch is off goes in a note
+                # below them (as a switch's `info` it stretched the buttons into tall slabs)
+                with gr.Row(equal_height=True, elem_id="mgm-switches"):
                     gen_cb = gr.Checkbox(label="Generate an image", value=False, elem_id="mgm-gen", min_width=150)
                     ocr_cb = gr.Checkbox(label="Read text (OCR)", value=False, interactive=False, elem_id="mgm-ocr",
                                          min_width=150)
+                with gr.Row(equal_height=True, elem_id="mgm-buttons"):
                     stop_btn = gr.Button("Stop", size="sm", interactive=False, elem_id="mgm-stop", min_width=70)
                     regen_btn = gr.Button("Regenerate", size="sm", interactive=False, elem_id="mgm-regen", min_width=70)
                     undo_btn = gr.Button("Undo", size="sm", interactive=False, elem_id="mgm-undo", min_width=70)
                     clear_btn = gr.Button("Clear", size="sm", interactive=False, elem_id="mgm-clear", min_width=70)
+                switches_note = gr.Markdown(visible=False, elem_id="mgm-switch-note")
                 with gr.Accordion("Generation settings", open=False):
                     temperature = gr.Slider(0.0, 1.5, value=0.2, step=0.05, label="Temperature (0 = greedy)",
                                             elem_id="mgm-temp")
@@ -178,7 +199,7 @@ def build_demo() -> gr.Blocks:
             # no file_types: Gradio would refuse other files with a traceback in the log; the engine checks them
             api_files = gr.File(label="images", file_count="multiple", type="filepath")
             api_gen = gr.Checkbox(label="generate_image")
-            api_temp = gr.Number(label="temperature", value=0.2)
+            api_temp = gr.Number(label="temperature", value=0.2)  # no bounds: api_chat checks (Gradio: traceback)
             api_reply = gr.Textbox(label="reply")
             api_image = gr.Image(label="generated image", type="filepath", format="png")
             api_gallery = gr.Gallery(label="heatmaps", format="png")
@@ -192,19 +213,20 @@ def build_demo() -> gr.Blocks:
         panel_out = [image_dd, overlay_img, gain_img, caption, zoom_img, zoom_md, dl_png, dl_npz, selected]
         settings = [temperature, top_p, max_new, steps]
 
-        demo.load(watch_loading, None, [status, banner, model_md, which, gen_cb, ocr_cb], concurrency_limit=None,
+        demo.load(watch_loading, None, [status, banner, model_md, which, gen_cb, ocr_cb, switches_note],
+                  concurrency_limit=None,
                   show_progress="minimal", **private)
         history_buttons = [regen_btn, undo_btn, clear_btn]
         sent = textbox.submit(chat_ui, [textbox, gen_cb, ocr_cb, *settings], [chatbot, textbox, stop_btn],
                               show_progress="hidden", **model)
-        sent.then(buttons_ui, None, history_buttons, **private)
+        sent.then(turn_shown_ui, None, history_buttons, **private)  # also tells an Undo waiting for it
         sent.then(panel_after_turn, panel_in, panel_out, **private)
-        sent.then(imagegen_state_ui, None, [gen_cb, model_md], **private)
+        sent.then(imagegen_state_ui, None, [gen_cb, model_md, switches_note], **private)
         again = regen_btn.click(regenerate_ui, [gen_cb, ocr_cb, *settings], [chatbot, textbox, stop_btn],
                                 show_progress="hidden", **model)
-        again.then(buttons_ui, None, history_buttons, **private)
+        again.then(turn_shown_ui, None, history_buttons, **private)
         again.then(panel_ui, panel_in, panel_out, **private)
-        again.then(imagegen_state_ui, None, [gen_cb, model_md], **private)
+        again.then(imagegen_state_ui, None, [gen_cb, model_md, switches_note], **private)
         stop_btn.click(stop_ui, None, None, queue=False, **private)
         undone = undo_btn.click(undo_ui, None, chatbot, **private)
         undone.then(panel_ui, panel_in, panel_out, **private)
@@ -216,8 +238,10 @@ def build_demo() -> gr.Blocks:
             control.input(panel_ui, panel_in, panel_out, **private)
         opacity.release(panel_ui, panel_in, panel_out, **private)
         overlay_img.select(click_ui, panel_in[:-1], [overlay_img, zoom_img, zoom_md, selected], **private)
+        # preprocess=False: api_chat takes the values as sent (checked by CheckedBlocks, uploads by Gradio); gr.File's
+        # own preprocessing would leave an empty temp file in Gradio's cache for every image, forever
         api_btn.click(api_chat, [api_msg, api_files, api_gen, api_temp], [api_reply, api_image, api_gallery],
-                      api_name="chat", concurrency_id="model", concurrency_limit=TURNS_AT_ONCE,
+                      api_name="chat", concurrency_id="model", concurrency_limit=TURNS_AT_ONCE, preprocess=False,
                       api_description="Chat turn: (message, images, generate_image, temperature) -> "
                                       "(reply, generated image or None, gallery of mining heatmaps). Notes "
                                       "about the turn end the reply, each a paragraph starting 'Note: '.")
@@ -227,29 +251,20 @@ def build_demo() -> gr.Blocks:
     return demo
 
 
-def _log_to_console() -> None:
-    """The package's own log lines (loading progress, refused uploads) on stderr, one line each."""
-    ours = logging.getLogger("mini_gemini")
-    if not ours.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[app] %(message)s"))
-        ours.addHandler(handler)
-        ours.setLevel(logging.INFO)
-        ours.propagate = False
-
-
 def main(argv=None):
     """Parse the options, start loading the model in the background, and serve the page (blocks)."""
-    _log_to_console()
+    log = log_to_console()
     server.ARGS = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a clean exit: the temp folder is removed
     server.LOADER = Loader(server.ARGS)  # started once the page is up
-    demo = build_demo()
+    log.info("Building the page…")
+    demo = server.BLOCKS = build_demo()
     demo.queue(default_concurrency_limit=8, max_size=64)
     gr.set_static_paths([str(examples_dir())])
     launch = dict(server_name=server.ARGS.host, server_port=server.ARGS.port, share=server.ARGS.share,
                   max_file_size=MAX_FILE_BYTES, allowed_paths=[str(examples_dir())], css=CSS,
                   footer_links=["api", "gradio"])
+    log.info("Starting the web server…")
     if server.ARGS.mcp:
         mcp.serve(demo, **launch)
     else:
@@ -257,6 +272,7 @@ def main(argv=None):
     # the OpenAI-compatible endpoint at /v1 on the same port, over the same engine (503 while it loads)
     mount_in_app(demo.app, server.LOADER, server.ARGS)
     # The page is up: now import torch and load the model (in the background), the page shows progress.
+    log.info("The page is up (its address is above); the model loads in the background:")
     server.LOADER.start()
     demo.block_thread()
 

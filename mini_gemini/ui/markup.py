@@ -37,10 +37,16 @@ def _escape(s: str) -> str:
 _TAG = re.compile(r"</?h>")
 
 
-def split_image_prompt(answer: str) -> tuple[str, str | None]:
-    """(the answer without `<h>...</h>`, the image prompt the model wrote or None). An unclosed `<h>` (an
-    answer still streaming, or stopped) counts: its text so far is the prompt. Tags are never shown raw."""
+def split_image_prompt(answer: str, *, asked: bool) -> tuple[str, str | None]:
+    """(the text to show, the image prompt the model wrote or None).
+
+    Only a turn that asked for an image (`asked`) has an image prompt: there, the text from the first `<h>` to
+    the last `</h>` is the prompt (an unclosed `<h>`, of an answer still streaming or stopped, counts: its text
+    so far is the prompt) and no tag is shown raw. Any other answer is shown exactly as written, `<h>` and all
+    (a model explaining HTML)."""
     answer = answer or ""
+    if not asked:
+        return answer.strip(), None
     start, end = answer.find("<h>"), answer.rfind("</h>")
     if start < 0:
         return _TAG.sub("", answer).strip(), None
@@ -64,9 +70,11 @@ def user_bubble(text: str, files: list, first: int) -> dict:
 
 
 def answer_messages(answer: str, notices: list, prompt: str | None, image_file: str | None,
-                     progress=None, error: str | None = None) -> list[dict]:
+                    progress=None, error: str | None = None, *, asked: bool) -> list[dict]:
+    """One answer as chat messages: its text (an image prompt apart only when the turn `asked` for an image),
+    its notes, an error, the drawing's progress and the drawn picture."""
     msgs = []
-    shown, wrote = split_image_prompt(answer)
+    shown, wrote = split_image_prompt(answer, asked=asked)
     parts = [literal(shown)] if shown.strip() else []
     if wrote and not (image_file or progress):  # a prompt with no picture (yet): shown as what it is
         parts.append(f"*Image prompt:* {literal(wrote)}")
@@ -92,7 +100,8 @@ def render(session, ex, upto: int | None = None) -> list[dict]:
     for i in range(len(turns) + 1):
         for f in ex.failed:
             if f.position == i:
-                msgs += [user_bubble(f.user, f.files, first)] + answer_messages("", [], None, None, error=f.error)
+                msgs += [user_bubble(f.user, f.files, first)] + answer_messages("", [], None, None, error=f.error,
+                                                                                  asked=False)
         if i == len(turns):
             break
         t, v = turns[i], ex.views[i] if i < len(ex.views) else None
@@ -100,5 +109,5 @@ def render(session, ex, upto: int | None = None) -> list[dict]:
         msgs.append(user_bubble(t.user, files, first))
         first += len(files)
         msgs += answer_messages(t.assistant or "", v.notices if v else [], t.image_prompt,
-                                 v.image_file if v else None)
+                                v.image_file if v else None, asked=t.want_image)
     return msgs

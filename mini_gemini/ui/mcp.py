@@ -23,7 +23,6 @@ are forgotten like any idle conversation (least recently used first).
 from __future__ import annotations
 
 import logging
-import math
 import re
 import secrets
 import sys
@@ -38,16 +37,19 @@ from ..viz import heatmap as hm
 from ..viz.mining_summary import describe, image_summary, region_shares  # noqa: F401 - region_shares re-exported
 from . import server
 from .api import api_reply
+from .params import MAX_TEMPERATURE, temperature_param
 from .server import session_of, user_error
 from .settings import TURNS_AT_ONCE
 from .turns import gen_options, run_turn
 
 log = logging.getLogger(__name__)
 TOOL_NAME = "chat_about_image"
+# what the tool takes, said to a client whose call Gradio could not even read (see params.CheckedBlocks)
+TOOL_SHAPE = ("chat_about_image takes message (text), image (text: an http(s) URL, a data URL or base64; or "
+              f"empty), session_id (text, or empty) and temperature (a number from 0 to {MAX_TEMPERATURE}).")
 MCP_PATH = "/gradio_api/mcp/"
 SESSION_PREFIX = "mcp-"         # engine session ids of MCP conversations (browser ones are Gradio hashes)
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{8,128}")
-MAX_TEMPERATURE = 1.5
 INSTALL = "pip install 'mcp>=1.21,<2'   (or: pip install 'gradio[mcp]')"
 
 
@@ -64,12 +66,12 @@ def chat_about_image(message: str, image: str | None = None, session_id: str | N
     Returns:
         One text, in paragraphs: the model's answer; notes about the turn, each starting with "Note: " (message cut, image resized, ...); a paragraph starting with "Mining summary:" (for each image of this turn, or the latest one, the regions with the largest share of mining focus, e.g. "right 30%, centre 20%"); and a last line "session_id: <id> (turn N ...)" with the id to pass back to continue the conversation.
     """
-    text = message or ""
+    text = message or ""  # types checked by params.CheckedBlocks
     source = (image or "").strip()
     if not clean_text(text).strip() and not source:
         raise user_error("Send a message, an image, or both.")
-    temperature = _temperature(temperature)
-    sid = _session_id(session_id)
+    temperature = temperature_param(temperature)
+    sid = _session_id(session_id or "")
     session, ex = session_of(SimpleNamespace(session_hash=SESSION_PREFIX + sid))
     loaded = []
     if source:
@@ -93,23 +95,13 @@ def chat_about_image(message: str, image: str | None = None, session_id: str | N
     answer = live.turn.assistant if live.turn is not None else live.text
     turn_images = list(live.turn.images) if live.turn is not None else []
     # one text: Gradio's MCP bridge turns several outputs into the repr of a list for most clients
-    return "\n\n".join([api_reply(answer, live.notices), mining_summary(session, turn_images),
+    return "\n\n".join([api_reply(answer, live.notices, asked=live.asked), mining_summary(session, turn_images),
                         f"session_id: {sid} (turn {len(session.turns)} of this conversation; pass this session_id "
                         "to continue it, or leave it empty to start a new one)"])
 
 
-def _temperature(value) -> float:
-    try:
-        t = float(0.2 if value is None else value)
-    except (TypeError, ValueError):
-        raise user_error("temperature must be a number from 0 to 1.5.") from None
-    if not math.isfinite(t) or not 0.0 <= t <= MAX_TEMPERATURE:
-        raise user_error("temperature must be a number from 0 to 1.5.")
-    return t
-
-
-def _session_id(value: str | None) -> str:
-    sid = (value or "").strip()
+def _session_id(value: str) -> str:
+    sid = value.strip()
     if not sid:
         return secrets.token_urlsafe(18)
     if not _SESSION_ID.fullmatch(sid):
@@ -146,9 +138,9 @@ def mining_summary(session, turn_images: list) -> str:
 def add_tool() -> None:
     """The tool's endpoint (hidden components, like `/chat`'s); call inside the app's Blocks."""
     with gr.Row(visible=False):
+        # no bounds on the number: Gradio would refuse a value out of them with a traceback; the tool checks it
         inputs = [gr.Textbox(label="message", value=None), gr.Textbox(label="image", value=None),
-                  gr.Textbox(label="session_id", value=None),
-                  gr.Number(label="temperature", value=0.2, minimum=0.0, maximum=MAX_TEMPERATURE)]
+                  gr.Textbox(label="session_id", value=None), gr.Number(label="temperature", value=0.2)]
         output = gr.Textbox(label="reply")
         button = gr.Button("mcp")
     # the browser's queue: the same concurrency group and limit as a chat turn in the page

@@ -135,18 +135,21 @@ def panel_ui(label, which, metric, cmap, alpha, selected, request: gr.Request, n
         # Undo/Clear/a new turn changed the conversation while this was drawn: its own redraw is queued
         # behind, so leave the panel alone rather than let a stale picture land after it.
         return tuple(gr.skip() for _ in range(9))
-    for old in ex.downloads:
-        old.unlink(missing_ok=True)
-    png = ex.new_file(f"mining-image{k}-" + ({hm.CROPS: "hd-crops", hm.GLOBAL: "global"}[which]
-                                             if layout.grid > 1 else "map"), ".png")
-    over.save(png)
-    npz = hm.save_npz(ex.new_file("mining-maps", ".npz"), [im.attn.numpy() for im in session.images],
-                      [im.gain.numpy() for im in session.images])
-    ex.downloads = [png, Path(npz)]
+    # the shown overlay is also the PNG download; all are files of the client's folder (see Extras.keep_render)
+    png, gain_png = _png_files(ex, [(f"mining-image{k}-" + ({hm.CROPS: "hd-crops", hm.GLOBAL: "global"}[which]
+                                                            if layout.grid > 1 else "map"), over),
+                                    (f"mining-gain-image{k}", gain)])
+    npz = ex.new_file("mining-maps", ".npz")
+    hm.save_npz(npz, [im.attn.numpy() for im in session.images], [im.gain.numpy() for im in session.images])
+    ex.keep_render("panel", [png, gain_png, npz])
     zoomed, zoom_text = _zoom(entry, k, layout, *mark, cmap) if mark else \
         (None, "Click a point on the left picture: the LR token there and its HR candidates' weights show here.")
-    return (dropdown, over, gain, _caption(k, layout, which, metric, attn_map, gain_map) + ocr_caption(entry.ocr),
-            zoomed, zoom_text,
+    if zoomed is not None:
+        (zoomed,) = _png_files(ex, [("mining-zoom", zoomed)])
+        ex.keep_render("zoom", [zoomed])
+        zoomed = str(zoomed)
+    return (dropdown, str(png), str(gain_png),
+            _caption(k, layout, which, metric, attn_map, gain_map) + ocr_caption(entry.ocr), zoomed, zoom_text,
             gr.DownloadButton(value=str(png), interactive=True), gr.DownloadButton(value=str(npz), interactive=True),
             selected if mark else None)
 
@@ -156,7 +159,7 @@ def panel_after_turn(label, which, metric, cmap, alpha, selected, request: gr.Re
 
 
 def click_ui(label, which, metric, cmap, alpha, evt: gr.SelectData, request: gr.Request):
-    session, _ = session_of(request)
+    session, ex = session_of(request)
     entry, k = _entry(session, label)
     if entry is None or not evt.index:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -169,7 +172,9 @@ def click_ui(label, which, metric, cmap, alpha, evt: gr.SelectData, request: gr.
     view, token = hm.click_to_token(evt.index[0], evt.index[1], display, photo.size, layout, which)
     over, _, _, _ = _panel_images(entry, layout, which, metric, cmap, float(alpha), mark=(view, token))
     zoomed, text = _zoom(entry, k, layout, view, token, cmap)
-    return over, zoomed, text, ((entry.key, which), view, token)
+    over, zoomed = _png_files(ex, [("mining-click", over), ("mining-zoom", zoomed)])
+    ex.keep_render("click", [over, zoomed])
+    return str(over), str(zoomed), text, ((entry.key, which), view, token)
 
 
 def _zoom(entry, k: int, layout: hm.Layout, view: int, token: int, cmap: str):
@@ -189,9 +194,23 @@ def _zoom(entry, k: int, layout: hm.Layout, view: int, token: int, cmap: str):
     return zoomed, text
 
 
-def heatmap_gallery(session) -> list:
-    layout, out = _layout(), []
+def heatmap_gallery(session, ex) -> list:
+    """(PNG file, caption) of the mining focus and gain of every image of the conversation (for `/chat`)."""
+    layout, pictures, captions = _layout(), [], []
     for k, entry in enumerate(session.images, 1):
         over, gain, _, _ = _panel_images(entry, layout, hm.CROPS, "focus", "inferno", 0.6)
-        out += [(over, f"Image {k}: mining focus"), (gain, f"Image {k}: mining gain")]
-    return out
+        pictures += [(f"focus-image{k}", over), (f"gain-image{k}", gain)]
+        captions += [f"Image {k}: mining focus", f"Image {k}: mining gain"]
+    files = _png_files(ex, pictures)
+    ex.keep_render("gallery", files)
+    return [(str(f), c) for f, c in zip(files, captions)]
+
+
+def _png_files(ex, pictures: list) -> list[Path]:
+    """Each (name, PIL picture) saved as a new PNG file of the client's folder (Gradio serves a copy of it)."""
+    paths = []
+    for stem, picture in pictures:
+        path = ex.new_file(stem, ".png")
+        picture.save(path, format="PNG")
+        paths.append(path)
+    return paths

@@ -31,10 +31,11 @@ class Live:
     error: str | None = None
     turn: object = None
     history: int = 0                    # engine turns shown before this one
+    asked: bool = False                 # the turn asked for an image (only then has it an image prompt)
 
     def messages(self) -> list[dict]:
         return [user_bubble(self.user, self.files, self.first)] + answer_messages(
-            self.text, self.notices, self.prompt, self.image_file, self.progress, self.error)
+            self.text, self.notices, self.prompt, self.image_file, self.progress, self.error, asked=self.asked)
 
 
 # ---- running a turn -------------------------------------------------------------------------------
@@ -53,11 +54,13 @@ def run_turn(session, ex: Extras, text: str, files: list, generate_image: bool, 
         t = session.turns[-1]
         n_history, images = len(session.turns) - 1, []
         live = Live(clean_text(t.user), [ex.show(im.image, im.key) for im in t.images],
-                    len(session.images) - len(t.images) + 1, history=n_history)
+                    len(session.images) - len(t.images) + 1, history=n_history, asked=bool(generate_image))
     else:
         n_history, images = len(session.turns), []
         # the engine reads no more than MAX_USER_CHARS either; what is shown (and kept on failure) is bounded
-        live = Live(clean_text(text)[:MAX_USER_CHARS], [], len(session.images) + 1, history=n_history)
+        live = Live(clean_text(text)[:MAX_USER_CHARS], [], len(session.images) + 1, history=n_history,
+                    asked=bool(generate_image))
+        ex.note_uploads(files)  # deleted when the client's session ends
         try:  # checked and decoded by the engine first, so that a bad file is reported at once
             images = session.prepare_images(files)
         except ImageError as e:
@@ -98,6 +101,7 @@ def run_turn(session, ex: Extras, text: str, files: list, generate_image: bool, 
                 live.error = ev.text
             elif ev.kind == "done":
                 live.turn = ev.data
+                live.asked = ev.data.want_image
                 live.text = ev.data.assistant or live.text
                 live.prompt = ev.data.image_prompt or live.prompt
             elif isinstance(ev, Handoff):  # ZeroGPU: the worker's history replaces ours
@@ -108,19 +112,21 @@ def run_turn(session, ex: Extras, text: str, files: list, generate_image: bool, 
     finally:
         events.close()
         live.progress = None
-        ex.sync(len(session.turns))
+        n_turns = len(session.turns)
         if live.error:
-            ex.fail(Failed(len(session.turns), live.user, live.files, live.error,
+            ex.sync(n_turns)
+            ex.fail(Failed(n_turns, live.user, live.files, live.error,
                            None if regenerate else {"text": text, "files": list(files)}))
-        elif len(session.turns) > n_history:
-            ex.views[n_history] = View(list(live.notices), live.image_file)
+        else:
+            ex.settle(n_history, n_turns, View(list(live.notices), live.image_file))
     yield live
 
 
 def gen_options(temperature, top_p=0.7, max_new_tokens=None, steps=30, ocr=False) -> GenOptions:
-    return GenOptions(temperature=float(temperature), top_p=float(top_p),
-                      max_new_tokens=int(max_new_tokens or server.ARGS.max_new_tokens), steps=int(steps),
-                      ocr=bool(ocr))
+    """The page's settings as GenOptions; values are taken as sent (`GenOptions.checked`, applied by the
+    session, makes any of them one that works: a crafted event cannot fail the turn with a traceback)."""
+    return GenOptions(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens or server.ARGS.max_new_tokens,
+                      steps=steps, ocr=bool(ocr))
 
 
 def _files(message) -> tuple[str, list]:
@@ -145,6 +151,9 @@ def regenerate_ui(generate_image, read_text, temperature, top_p, max_new_tokens,
     """Answer the last message again, following the switches as they are now. When the last message
     failed, nothing is redone (the answer before it was not asked for): its text goes back to the input."""
     session, ex = session_of(request)
+    if ex.gate.streaming():  # the answer being written is the one to redo: stop it, and let its end reach the page
+        session.cancel()
+        ex.gate.wait_delivered()
     if ex.failed and ex.failed[-1].position == len(session.turns):
         failed = ex.failed[-1]
         gr.Info("Your last message got an error, so there is no answer to redo: its text is back in the "
@@ -160,21 +169,34 @@ def regenerate_ui(generate_image, read_text, temperature, top_p, max_new_tokens,
 
 def _stream(session, ex, start):
     """Chatbot + textbox + Stop button updates while a turn streams; the textbox is locked (and Stop
-    enabled) until it ends."""
+    enabled) until it ends. Undo or Clear meanwhile: see ui/edits.py (the chat then ends as the engine has it)."""
     locked, stop_on = gr.MultimodalTextbox(value=None, interactive=False), gr.Button(interactive=True)
     before = ex.failed[-1] if ex.failed else None
+    gate = ex.gate
+    stream = gate.open_stream()
     turn = start()
     try:
         for live in turn:
+            if gate.editing():  # the history is being changed: what this turn shows is about to go
+                continue
             yield render(session, ex, upto=live.history) + live.messages(), locked, stop_on
     except Exception as e:  # noqa: BLE001 — the history must stay usable whatever happened
         log.exception("a turn failed")
         ex.fail(Failed(len(session.turns), "", [], f"Something went wrong ({type(e).__name__}: {e})."))
+    except GeneratorExit:  # the client went away: nothing more reaches it
+        gate.abandon_stream(stream)
+        raise
     finally:
         turn.close()  # also when the client went away: the engine then stops generating
     # a message that failed goes back into the input box, so that nothing the user typed is lost
     typed = ex.failed[-1].typed if ex.failed and ex.failed[-1] is not before else None
-    yield render(session, ex), gr.MultimodalTextbox(value=typed, interactive=True), gr.Button(interactive=False)
+    unlocked = gr.MultimodalTextbox(value=typed, interactive=True)
+    try:
+        for shown in gate.last_words(stream, lambda: render(session, ex)):
+            yield shown, unlocked, gr.Button(interactive=False)
+    except GeneratorExit:
+        gate.abandon_stream(stream)
+        raise
 
 
 def buttons_ui(request: gr.Request):
@@ -185,30 +207,44 @@ def buttons_ui(request: gr.Request):
     return gr.Button(interactive=redo), gr.Button(interactive=anything), gr.Button(interactive=anything)
 
 
+def turn_shown_ui(request: gr.Request):
+    """After a turn's stream: the page has all of it (an edit waiting for that may now show its result); then
+    the buttons as `buttons_ui` sets them."""
+    _, ex = session_of(request)
+    ex.gate.delivered()
+    return buttons_ui(request)
+
+
 def stop_ui(request: gr.Request):
     if server.LOADER.engine is not None:
         server.LOADER.engine.cancel(getattr(request, "session_hash", None) or "")
 
 
 def undo_ui(request: gr.Request):
-    """Drop the last exchange (a failed message first); a turn still running is stopped by the engine."""
+    """Drop the last exchange (a failed message first); a turn still running is stopped by the engine. The
+    chat shown is the engine's, after any streaming turn's last update (ui/edits.py)."""
     session, ex = session_of(request)
-    if ex.failed and ex.failed[-1].position == len(session.turns):
-        ex.failed.pop()
-    else:
-        try:
-            session.undo()
-        except SessionBusyError as e:  # the running turn did not stop in time
-            raise user_error(str(e)) from e
-        ex.sync(len(session.turns))
+    with ex.gate.edit():
+        if ex.failed and ex.failed[-1].position == len(session.turns):
+            with ex.lock:
+                ex.failed.pop()
+        else:
+            try:
+                session.undo()
+            except SessionBusyError as e:  # the running turn did not stop in time
+                raise user_error(str(e)) from e
+            ex.sync(len(session.turns))
     return render(session, ex)
 
 
 def clear_ui(request: gr.Request):
+    """Forget the conversation (a running turn is stopped first); shown as Undo's result is (ui/edits.py)."""
     session, ex = session_of(request)
-    try:
-        session.clear()
-    except SessionBusyError as e:
-        raise user_error(str(e)) from e
-    ex.failed, ex.views = [], []
+    with ex.gate.edit():
+        try:
+            session.clear()
+        except SessionBusyError as e:
+            raise user_error(str(e)) from e
+        with ex.lock:
+            ex.failed, ex.views = [], []
     return render(session, ex), None
