@@ -277,10 +277,11 @@ def test_cancelled_client_stops_its_generation_and_others_proceed(srv, monkeypat
         assert wait_for(lambda: srv.engine.has_session(c.session_hash) and len(session(srv, c).turns) == 1)
         (turn,) = session(srv, c).turns
         assert turn.cancelled and 0 < len(turn.token_ids) < 1500
-        requests.clear()
         assert waiting.result(timeout=120)[0] is not None and len(session(srv, other).turns) == 1
+        requests.clear()
+        assert chat(other, FOLLOW_UP)[0] is not None  # the model is still serving: another answer, alone
         after = list(requests)
-    # once c's turn was settled, every step of the model wrote one answer only (the other client's)
+    # once c's turn was settled, nothing wrote for it: every step of the model wrote one answer (the other's)
     assert after and set(after) == {1}
     assert chat(c, "Shorter, please.")[0] is not None and len(session(srv, c).turns) == 2
 
