@@ -55,6 +55,7 @@ class AppUser:
             r = self.client.post("/gradio_api/upload", files={"files": ("photo.png", image, "image/png")})
             r.raise_for_status()
             files = [{"path": r.json()[0], "meta": {"_type": "gradio.FileData"}}]
+        uploaded = time.monotonic()
         r = self.client.post("/gradio_api/call/chat", json={"data": [message, files, False, temperature],
                                                              "session_hash": session})
         r.raise_for_status()
@@ -73,7 +74,7 @@ class AppUser:
                     raise RuntimeError(f"/chat failed: {line}")
         total = time.monotonic() - t0
         return {"first": first if first is not None else total, "total": total, "reply": reply, "t0": t0,
-                "session": session}
+                "uploaded": uploaded if image is not None else t0, "session": session}
 
 
 def _start_app(checkpoint: str, new_tokens: int, log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
@@ -184,7 +185,8 @@ def _breakdown(results: list[dict], timings: dict[str, dict]) -> dict:
         t = timings.get(r["session"])
         if not t:
             continue
-        marks = [("upload_and_queue", r["t0"], t.get("handler")), ("decode", t.get("handler"), t.get("start")),
+        marks = [("upload", r["t0"], r["uploaded"]), ("call_and_queue", r["uploaded"], t.get("handler")),
+                 ("decode", t.get("handler"), t.get("start")),
                  ("images", t.get("start"), t.get("images")), ("ocr", t.get("images"), t.get("ocr")),
                  ("queue", t.get("submitted"), t.get("admitted")), ("prefill", t.get("admitted"), t.get("first_token")),
                  ("first_event", t.get("first_token"), r["t0"] + r["first"])]

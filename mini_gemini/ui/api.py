@@ -38,8 +38,8 @@ def api_chat(message: str, images: list | None, generate_image: bool, temperatur
     handler = time.monotonic()
     session, ex = session_of(request)
     live = None
-    for live in run_turn(session, ex, message, files, generate_image, gen_options(temperature)):
-        if live.error is None:
+    for live in run_turn(session, ex, message, files, generate_image, gen_options(temperature), display=False):
+        if live.error is None and live.text:  # nothing to send before the answer has text
             yield api_reply(live.text, [], asked=live.asked), None, []
     if live.error:
         raise gr.Error(live.error, print_exception=False)  # already logged, in one line, by run_turn

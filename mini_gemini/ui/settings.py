@@ -8,7 +8,9 @@ from ..constants import DEFAULT_SDXL
 from ..model_flags import add_model_flags, check_model_flags
 from ..model_flags import env_flag as _env_flag
 
-TURNS_AT_ONCE = 16  # chat turns let through to the engine at once (its own limit is Engine.max_active)
+# chat turns let through to the engine at once: as many as it writes at once (Engine.max_active), so that the
+# others wait in Gradio's queue, shown their place, instead of holding a worker thread each
+TURNS_AT_ONCE = 8
 CACHE_SWEEP_S = 600  # how often Gradio looks for cached files older than --cache-max-age
 DEFAULT_MODEL = "YanweiLi/MGM-2B"
 RED_SQUARE = "What digit is in the red square?"

@@ -44,8 +44,9 @@ use_engine(lambda: server.LOADER.wait())
 
 
 def run_turn(session, ex: Extras, text: str, files: list, generate_image: bool, options: GenOptions,
-             regenerate: bool = False):
-    """Stream one turn; yields the Live state whenever it changed (at most ~20 times a second for text)."""
+             regenerate: bool = False, display: bool = True):
+    """Stream one turn; yields the Live state whenever it changed (at most ~20 times a second for text).
+    display: make the display copies of the pictures the chat shows (API clients see no chat: False)."""
     if regenerate:
         while ex.failed and ex.failed[-1].position == len(session.turns):
             ex.failed.pop()
@@ -69,7 +70,8 @@ def run_turn(session, ex: Extras, text: str, files: list, generate_image: bool, 
             live.error = str(e)
             log.info("refused an upload: %s", e)  # a user error: one line, no traceback
         for k, loaded in enumerate(images):  # the engine takes the decoded images and their keys as they are
-            live.files.append(ex.show(loaded.image, loaded.key))
+            if display:
+                live.files.append(ex.show(loaded.image, loaded.key))
             live.notices += [f"Image {live.first + k}: {n}." for n in loaded.notes]
         if live.error is not None:
             live.files = []
