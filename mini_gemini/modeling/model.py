@@ -111,12 +111,15 @@ class MiniGemini(nn.Module):
         return next(self.mm_projector.parameters()).dtype
 
     # ---- vision ---------------------------------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor, pixel_values_aux: torch.Tensor) -> Encoded:
+    def encode_images(self, pixel_values: torch.Tensor, pixel_values_aux: torch.Tensor, *,
+                      mining: bool = True) -> Encoded:
         """Encode images: both towers, patch info mining (DESIGN.md section 1.2) and the projector.
 
         Args:
             pixel_values: (B, V, 3, S, S) LR views in model order (HD: global first, then the grid row-major).
             pixel_values_aux: (B, 3, S_aux, S_aux) the HR image.
+            mining: False gives the mining ablation: visual tokens = projector(x) instead of
+                projector(x + mined); the weights and gain are still those mining computed (unused).
 
         Returns:
             `Encoded`: image_features (B, V*N, D) in the LLM's dtype, mining weights (B, V, N, P*P) and mining
@@ -142,7 +145,7 @@ class MiniGemini(nn.Module):
         # How much HR detail each LR token took in: |mined - x| / |x| (the heatmaps' "mining gain").
         gain = (mined - x).float().norm(dim=-1) / x.float().norm(dim=-1).clamp_min(1e-6)
         proj_p = next(self.mm_projector.parameters())
-        tokens = self.mm_projector(mined.to(proj_p.device, proj_p.dtype))
+        tokens = self.mm_projector((mined if mining else x).to(proj_p.device, proj_p.dtype))
         return Encoded(tokens.reshape(b, -1, tokens.shape[-1]), attn.reshape(b, v, *attn.shape[1:]),
                        gain.reshape(b, v, -1))
 
