@@ -332,7 +332,8 @@ def _digit_attribution(model, scene, method):
     inside = np.zeros(square.shape, bool)
     inside[round((box[1] + top) * s):round((box[3] + top) * s), round((box[0] + left) * s):round((box[2] + left) * s)] = True
     peak_inside = bool(inside.flat[square.argmax()])
-    ratio = (square[inside].sum() / square.sum()) / inside.mean()
+    # share of the map's mass (padding included) inside the square ÷ the square's share of the photo's area
+    ratio = (square[inside].sum() / square.sum()) / ((box[2] - box[0]) * (box[3] - box[1]) / (img.size[0] * img.size[1]))
     return peak_inside, ratio, float(res.prob_no_mining[t] / res.prob[t])
 
 

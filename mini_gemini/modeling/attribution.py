@@ -47,11 +47,13 @@ def default_layers(num_layers: int, method: str = "attention") -> tuple[int, int
 
     attention: the middle of the network, from a quarter to three quarters of the depth (at least one layer).
         Kaduri, Bagon & Dekel, "What's in the Image? A Deep-Dive into the Vision of Vision Language Models"
-        (arXiv 2411.17491, 2024): the answer's information flow from the image tokens happens in the middle
-        layers, early and late layers contribute marginally, and there the generated tokens attend to their
-        objects' own image regions; Zhang et al., "MLLMs Know Where to Look" (ICLR 2025, arXiv 2502.17422) read
-        localisation from the attention of middle layers as well. Late layers attend to few "sink" tokens
-        whatever the question (Chen et al., FastV, arXiv 2403.06764).
+        (arXiv 2411.17491, 2024): the cross-modal flow from the image tokens happens mainly in the middle
+        layers (about a quarter of them), early and late layers contribute marginally, and there generated
+        tokens attend to their objects' own image regions. Chen et al., "An Image is Worth 1/2 Tokens After
+        Layer 2" (FastV, arXiv 2403.06764): the first layers spread attention over all image tokens, deep
+        layers give them very little. Half the depth (not Kaduri's quarter) keeps the map steady when the
+        grounding layers sit a little off-centre; on the demo model (4 layers: 1-2) it points at the asked
+        square in 100 % of 400 held-out scenes (see tests/test_attribution.py).
     relevancy: every layer, as Chefer, Gur & Wolf's rule rolls relevancy out over the whole network
         (ICCV 2021, arXiv 2103.15679).
     """
@@ -76,14 +78,14 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def _scores(query, key, attention_mask, scaling, softcap=None, rows=None):
-    """Attention logits (B, H, Q, L) of the queries (all, or only `rows`) as eager attention computes them,
-    masked (the bool mask of sdpa, an additive float mask, or None = plain causal)."""
-    q = query if rows is None else query[:, :, rows]
-    s = (q @ key.transpose(-1, -2)) * scaling
+def _scores(query, key, attention_mask, scaling, softcap=None, positions=None):
+    """Attention logits (B, H, Q, L) as eager attention computes them, masked: the bool mask of sdpa, an
+    additive float mask, or None (= plain causal). `positions` (Q,): the sequence positions of the Q queries
+    (default 0..Q-1, all of them)."""
+    s = (query @ key.transpose(-1, -2)) * scaling
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
-    qpos = torch.arange(query.shape[2], device=query.device) if rows is None else rows
+    qpos = torch.arange(query.shape[2], device=query.device) if positions is None else positions
     if attention_mask is None:
         allowed = torch.arange(key.shape[2], device=key.device)[None, :] <= qpos[:, None]
         return s.masked_fill(~allowed, float("-inf"))
@@ -104,8 +106,8 @@ class _Capture:
     row: torch.Tensor | None = None               # relevancy: the rolled-out relevancy row being built (L,)
     order: list = field(default_factory=list)     # relevancy: layers in the order their gradients arrived
 
-    def __contains__(self, layer: int) -> bool:
-        return self.layers[0] <= layer < self.layers[1]
+    def __contains__(self, layer) -> bool:
+        return layer is not None and self.layers[0] <= layer < self.layers[1]
 
 
 def _attribution_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -134,8 +136,8 @@ def _attribution_attention(module, query, key, value, attention_mask, dropout: f
     out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                     scaling=scaling, **kwargs)
     with torch.no_grad():
-        rows = _scores(query.float(), _repeat_kv(key, groups).float(), attention_mask, scaling, softcap,
-                       rows=cap.rows).softmax(-1)[0][:, :, cap.columns]           # (H, A, K)
+        rows = _scores(query[:, :, cap.rows].float(), _repeat_kv(key, groups).float(), attention_mask, scaling,
+                       softcap, positions=cap.rows).softmax(-1)[0][:, :, cap.columns]   # (H, A, K)
         cap.kept[layer] = rows if cap.per_head else rows.mean(0, keepdim=True)
     return out, None
 
@@ -374,7 +376,8 @@ def explain_answer(model, input_ids, images: Sequence[ImageEvidence], answer_ids
     counts = [len(im.image_features) for im in images]
     spans = image_positions(ids, counts)
     sequence = torch.cat([ids, answer[:-1]])       # the last answer token is read, never fed
-    embeds = model.embed(sequence, [im.image_features for im in images])
+    with torch.no_grad():
+        embeds = model.embed(sequence, [im.image_features for im in images])
     prompt_len = embeds.shape[1] - (len(answer) - 1)
     rows = torch.arange(prompt_len - 1, prompt_len - 1 + len(answer))
     columns = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
@@ -387,8 +390,8 @@ def explain_answer(model, input_ids, images: Sequence[ImageEvidence], answer_ids
     prob = _answer_probs(logits, answer.to(logits.device)).cpu()
     no_mining = None
     if images and all(im.image_features_no_mining is not None for im in images):
-        plain = model.embed(sequence, [im.image_features_no_mining for im in images])
         with torch.no_grad():
+            plain = model.embed(sequence, [im.image_features_no_mining for im in images])
             out = llm(inputs_embeds=plain, logits_to_keep=rows.to(plain.device), use_cache=False)
         no_mining = _answer_probs(out.logits[0], answer.to(out.logits.device)).cpu()
     results, off = [], 0
