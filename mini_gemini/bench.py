@@ -13,6 +13,8 @@
   held, in a fresh process) of preprocessing + heatmap overlay + zoom for a 16000x1 and a 40000x1000
   image, worst of MGM's 768 px and HD 1536 px HR sides (goal < 100; padding at full resolution cost
   +3.5 GB and ~22 GB). Per image and HR side under upload_peak_detail.
+- attribution_*: answer attribution's extra pass ÷ one prefill, and its peak memory ÷ the weights, at MGM-2B's
+  shapes (`bench_attribution`; goals <= 1.5 and <= 0.10).
 - serving_*: many users at once through the Engine (bundled tiny Llama demo checkpoint, greedy, 96 new
   tokens, each user a different short prompt, one thread each): serving_ttft_p50_x{k} / _p95_x{k} = the
   median / 95th-percentile first-token time of k users sending at once ÷ one user's alone (goal for k=8:
@@ -362,6 +364,8 @@ def main(argv=None):
     ap.add_argument("--checkpoint", help="the MGM checkpoint whose LLM the --llm-server serves")
     ap.add_argument("--cpu-real-size", action="store_true",
                     help="only the real-size CPU figures: int8 path vs float32 on an MGM-2B-shaped checkpoint (bench_cpu)")
+    ap.add_argument("--no-attribution", action="store_true",
+                    help="skip the answer-attribution cost (MGM-2B shapes, 6 layers, fp32: ~5 GB, several minutes)")
     args = ap.parse_args(argv)
     if args.llm_server and not args.checkpoint:
         ap.error("--llm-server needs --checkpoint (the MGM checkpoint whose LLM it serves)")
@@ -394,6 +398,10 @@ def main(argv=None):
              "serving_all_answers_x8": "<= 0.6", "app_ttft_p95_x8": "<= 3", "app_all_answers_x8": "<= 0.5",
              "app_answers_equal": "True", "cpu_first_token_s": "<= 20", "cpu_decode_vs_bound": ">= 0.8",
              "openai_followup_ttft_ratio": "<= 0.25"}
+    if not (only or args.no_attribution):  # answer attribution's extra pass vs a prefill (bench_attribution)
+        from . import bench_attribution
+        results.update(bench_attribution.bench_attribution())
+        goals.update(bench_attribution.GOALS)
     for k, v in results.items():
         print(f"{k:>28}: {v}" + (f"   (goal {goals[k]})" if k in goals else ""))
     if args.json:
