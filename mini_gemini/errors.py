@@ -32,3 +32,7 @@ class ImageGenError(MGMError, RuntimeError):
 
 class SessionBusyError(MGMError, RuntimeError):
     """A conversation is still busy with a turn that did not stop in time; try again in a moment."""
+
+
+class AttributionUnavailable(MGMError, RuntimeError):
+    """An answer cannot be attributed here (no answer yet, or the LLM's layers run on a server); says why."""

@@ -44,6 +44,8 @@ import ast  # noqa: E402
 THIRD_PARTY_PRIVATE = {
     ("inputs/images.py", "_new"): "Pillow: wrap a decoded pixel core in a plain Image without a copy",
     ("modeling/quantization.py", "_int_mm"): "PyTorch's int8 x int8 -> int32 product (what torchao uses on CPU)",
+    ("modeling/attribution.py", "_attn_implementation"): "transformers documents config._attn_implementation "
+                                                          "as the way to read the attention implementation in use",
 }
 # namedtuple's public API starts with an underscore
 NAMEDTUPLE_API = {"_replace", "_asdict", "_fields", "_make", "_field_defaults"}

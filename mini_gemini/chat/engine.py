@@ -37,6 +37,7 @@ from .session_table import SessionTable
 from .types import MAX_USER_CHARS, Event, GenOptions, ImageEntry, Note, Turn, clean_text  # noqa: F401 - public
 
 RECENT_IMAGES = 32   # encoded pictures kept for any conversation (a stateless API resends its images every turn)
+RECENT_ATTRIBUTIONS = 4  # answer attributions kept (each holds HR maps: answer tokens x views x (side*P)^2 floats)
 # how the note on an image prompt of a model not trained to write them begins (first showing, later ones)
 IMAGE_PROMPT_NOTES = ("This small demo model was never trained to write image prompts",
                       "An image prompt from the demo model")
@@ -97,6 +98,7 @@ class Engine:
         self.task_scope = model.config.task_scope
         self._recent: OrderedDict[str, EncodedImage] = OrderedDict()   # image key -> its encoding
         self._encoding: dict[str, Future] = {}                         # image key -> its encoding under way
+        self._attributions: OrderedDict = OrderedDict()                # (session, turn, ...) -> Attribution
         self._in_scope: OrderedDict[str, bool] = OrderedDict()         # image key -> like the task's pictures
         self._lock = threading.Lock()
 
@@ -195,6 +197,20 @@ class Engine:
             del self._encoding[image.key]
         pending.set_result(enc)
         return enc
+
+    def attribution(self, key, compute):
+        """The attribution cached under `key`, or `compute()`'s (kept: the RECENT_ATTRIBUTIONS last ones)."""
+        with self._lock:
+            hit = self._attributions.get(key)
+            if hit is not None:
+                self._attributions.move_to_end(key)
+                return hit
+        result = compute()
+        with self._lock:
+            self._attributions[key] = result
+            while len(self._attributions) > RECENT_ATTRIBUTIONS:
+                self._attributions.popitem(last=False)
+        return result
 
     def build_prompt(self, turns, first_image: int = 1):
         """(Prompt, token ids) for `PromptTurn`s (see `modeling.chat_template.build_prompt`)."""

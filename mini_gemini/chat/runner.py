@@ -33,6 +33,7 @@ class EncodedImage(NamedTuple):
     tokens: torch.Tensor   # (V*N, D) visual tokens, on the model's device, in the LLM's dtype
     attn: torch.Tensor     # (V, N, P*P) mining weights, float32 on CPU
     gain: torch.Tensor     # (V, N) mining gain per LR token, float32 on CPU
+    lr_features: torch.Tensor | None = None  # (V*N, C) the LR tokens before mining (for the mining ablation)
 
 
 @dataclass
@@ -134,7 +135,27 @@ class ModelRunner:
         finally:
             with self._count_lock:
                 self._waiting -= 1
-        return EncodedImage(enc.image_features[0], enc.attn[0].float().cpu(), enc.gain[0].float().cpu())
+        return EncodedImage(enc.image_features[0], enc.attn[0].float().cpu(), enc.gain[0].float().cpu(),
+                            enc.lr_features[0])
+
+    def explain(self, prompt_ids: list[int], images: list, answer_ids: list[int], method: str = "attention",
+                layers: tuple[int, int] | None = None):
+        """Answer attribution (`modeling.attribution.explain_answer`) in one extra pass over the conversation, under
+        the model's lock (never on a decoding step). `images`: the prompt's `ImageEntry`s in slot order; the mining
+        ablation uses projector(x) of their LR tokens when they kept them."""
+        from ..modeling.attribution import ImageEvidence, explain_answer
+        with self.lock:
+            self.end_packed()
+            projector = self.model.mm_projector
+            p = next(projector.parameters())
+            evidence = []
+            with torch.no_grad():
+                for im in images:
+                    plain = None
+                    if im.lr_features is not None:
+                        plain = projector(im.lr_features.to(p.device, p.dtype)).to(im.tokens.dtype)
+                    evidence.append(ImageEvidence(im.tokens, im.attn, plain))
+            return explain_answer(self.model, prompt_ids, evidence, answer_ids, method=method, layers=layers)
 
     def let_encoders_in(self) -> None:
         """Called by a scheduler between two steps (not holding the lock): wait up to ENCODE_TURN_S while an

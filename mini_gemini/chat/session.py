@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from ..errors import ImageError, SessionBusyError
+from ..errors import AttributionUnavailable, ImageError, SessionBusyError
 from ..inputs.images import LoadedImage
 from . import answer, turn_images, turn_ocr
 from .kv_store import CacheOwner
@@ -74,6 +74,8 @@ class ChatSession:
         """The history, safe to hand to another process (ZeroGPU workers): visual tokens moved to the CPU."""
         for im in self.images:
             im.tokens = im.tokens.cpu()
+            if im.lr_features is not None:
+                im.lr_features = im.lr_features.cpu()
         return list(self.turns)
 
     def adopt(self, turns: list[Turn]) -> None:
@@ -273,6 +275,47 @@ class ChatSession:
                 ("Image 2 of 3: ...") and says what to do, `kind` tags it.
         """
         return turn_images.prepare(self.engine, _as_list(sources), len(self.images))
+
+    def explain(self, turn: Turn | int = -1, *, method: str = "attention", layers: tuple[int, int] | None = None):
+        """Where an answer looked: its attribution over the visual tokens and the high-resolution pixels of every
+        image the model saw for it, and each answer token's probability with and without the mined detail
+        (`modeling.attribution.Attribution`). One extra pass over the conversation, under the model's lock; the
+        engine keeps the last few results (`Engine.attribution`), so asking again (another word, another view) costs
+        nothing.
+
+        Args:
+            turn: the `Turn` (or its index in `turns`; default the last one).
+            method: "attention" (answer rows of the LLM's attention, mean over heads and `layers`) or "relevancy"
+                (gradient-weighted, Chefer et al.; a backward pass per answer token: small models only).
+            layers: [start, stop) LLM layers; None: `modeling.attribution.default_layers`.
+        Returns:
+            `Attribution`: per image of the prompt (in slot order, `images_seen(turn)`) the relevance (A, V, N) and
+            HR maps (A, V, side*P, side*P), float32; prob and prob_no_mining (A,).
+        Raises:
+            AttributionUnavailable: the turn has no answer, or the LLM runs on a server (its layers are not here).
+            SessionBusyError: a turn is being answered in this conversation.
+            ValueError: an unknown method or a bad layer range.
+        """
+        if self.engine.llm_server is not None:
+            raise AttributionUnavailable("Answer attribution needs the LLM's layers, and with --llm-server they run "
+                                         "on the server; the mining maps of each image still work.")
+        if not self._busy.acquire(timeout=BUSY_WAIT_S):
+            raise SessionBusyError("This conversation is still answering; ask where it looked once it is done.")
+        try:
+            t = self.turns[turn] if isinstance(turn, int) else turn
+            if t not in self.turns or not t.token_ids:
+                raise AttributionUnavailable("That answer is not there any more, or it has no tokens to explain.")
+            key = (self.id, id(t), tuple(t.prompt_ids), tuple(t.token_ids), method, layers)
+            images = self.images_seen(t)
+            return self.engine.attribution(key, lambda: self.engine.runner.explain(t.prompt_ids, images, t.token_ids,
+                                                                                     method, layers))
+        finally:
+            self._busy.release()
+
+    def images_seen(self, turn: Turn) -> list[ImageEntry]:
+        """The images the model saw for `turn`'s answer, in the prompt's slot order (its window of the history)."""
+        idx = next(i for i, t in enumerate(self.turns) if t is turn)
+        return [im for t in self.turns[turn.window_start:idx + 1] for im in t.images]
 
     def read_text(self) -> list:
         """The text in every image of the conversation, in the order of `images` (Image 1, 2, ...): one

@@ -71,7 +71,8 @@ def encode(engine: Engine, loaded: list[LoadedImage], known: list[ImageEntry]) -
             except Exception as e:  # noqa: BLE001
                 free_memory(e)
                 raise ImageError(explain(e), "oom" if is_oom(e) else "internal") from e
-            im = ImageEntry(li.key, li.image, enc.tokens, enc.attn, enc.gain)
+            im = ImageEntry(li.key, li.image, enc.tokens, enc.attn, enc.gain, lr_features=enc.lr_features)
             by_key[li.key] = im
-        entries.append(ImageEntry(im.key, im.image, im.tokens, im.attn, im.gain, list(li.notes), ocr=im.ocr))
+        entries.append(ImageEntry(im.key, im.image, im.tokens, im.attn, im.gain, list(li.notes), ocr=im.ocr,
+                                  lr_features=im.lr_features))
     return entries

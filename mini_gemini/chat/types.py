@@ -139,6 +139,7 @@ class ImageEntry:
     # inputs.ocr.OcrResult once the image's text was read (GenOptions.ocr), shared by every entry of the same
     # picture in the session: lines (text, confidence, box as 4 (x, y) points in pixels of `image`), seconds
     ocr: Any = None
+    lr_features: torch.Tensor | None = None   # (V*N, C) the LR tokens before mining (the mining ablation uses them)
 
 
 @dataclass(eq=False)  # identity equality: two turns with the same text are still two turns

@@ -41,6 +41,7 @@ class Encoded(NamedTuple):
     gain: torch.Tensor    # (B, V, N) relative change mining made to each LR token
     mined: torch.Tensor | None = None        # (B, V*N, C) the tokens the projector read (x + mined, or x)
     hr_features: torch.Tensor | None = None  # (B, C_aux, H, W) the HR tower's map (before any grid cut)
+    lr_features: torch.Tensor | None = None  # (B, V*N, C) the LR tokens x before mining (projector(x): the ablation)
 
 
 class MGMOutput(NamedTuple):
@@ -131,7 +132,8 @@ class MiniGemini(nn.Module):
 
         Returns:
             `Encoded`: image_features (B, V*N, D) in the LLM's dtype, mining weights (B, V, N, P*P), mining
-            gain (B, V, N), the projector's input (B, V*N, C) and the HR tower's map (B, C_aux, H, W).
+            gain (B, V, N), the projector's input (B, V*N, C), the HR tower's map (B, C_aux, H, W) and the LR
+            tokens before mining (B, V*N, C).
         Gradients flow when the caller allows them (training); inference callers wrap it in no_grad.
         """
         lr, hr = pixel_values, pixel_values_aux
@@ -157,7 +159,8 @@ class MiniGemini(nn.Module):
         read = mined if mining else x
         tokens = self.mm_projector(read.to(proj_p.device, proj_p.dtype))
         return Encoded(tokens.reshape(b, -1, tokens.shape[-1]), attn.reshape(b, v, *attn.shape[1:]),
-                       gain.reshape(b, v, -1), read.reshape(b, -1, read.shape[-1]), hr_features)
+                       gain.reshape(b, v, -1), read.reshape(b, -1, read.shape[-1]), hr_features,
+                       x.reshape(b, -1, x.shape[-1]))
 
     # ---- language -------------------------------------------------------------------------------
     def embed(self, input_ids, image_tokens=()) -> torch.Tensor:

@@ -1,0 +1,54 @@
+"""Answer attribution through the engine (`ChatSession.explain`): the same result as the model-level
+`explain_answer` on the prompt the model saw, the images in its window, the ablation from the kept LR tokens."""
+import pytest
+import torch
+from PIL import Image
+
+from helpers import run
+from mini_gemini.chat.engine import Engine, GenOptions
+from mini_gemini.errors import AttributionUnavailable
+from mini_gemini.modeling.attribution import ImageEvidence, explain_answer
+from mini_gemini.modeling.loading import load_pretrained
+
+GREEDY = GenOptions(temperature=0.0, max_new_tokens=6)
+RED, BLUE = Image.new("RGB", (40, 24), (220, 30, 30)), Image.new("RGB", (20, 36), (30, 30, 220))
+
+
+@pytest.mark.parametrize("family, hd", [("vicuna", False), ("gemma", True)])
+def test_explain_equals_the_model_level_attribution_of_what_the_model_saw(tiny_checkpoint, family, hd):
+    model = load_pretrained(str(tiny_checkpoint(family, hd=hd)), device="cpu")
+    s = Engine(model).session()
+    run(s, "What is in the first image?", [RED], options=GREEDY)
+    run(s, "And this one?", [BLUE], options=GREEDY)
+    turn = s.turns[-1]
+    got = s.explain()
+    assert s.explain() is got  # kept: another word or view costs nothing
+    images = s.images_seen(turn)
+    assert [im.key for im in images] == [im.key for im in s.images]
+    with torch.no_grad():
+        plain = []
+        for im in (RED, BLUE):  # projector(x), from a fresh encoding: the ablation the engine made from its LR tokens
+            v = model.processor.image_processor(im)
+            plain.append(model.encode_images(v.pixel_values[None], v.pixel_values_aux[None], mining=False)
+                         .image_features[0])
+    want = explain_answer(model, turn.prompt_ids, [ImageEvidence(im.tokens, im.attn, p) for im, p in zip(images, plain)],
+                          turn.token_ids)
+    assert got.answer_ids == turn.token_ids and len(got.images) == 2
+    for a, b in zip(got.images, want.images):
+        assert torch.allclose(a.relevance, b.relevance, atol=1e-6) and torch.allclose(a.hr_map, b.hr_map, atol=1e-6)
+    assert torch.allclose(got.prob, want.prob, atol=1e-6)
+    assert torch.allclose(got.prob_no_mining, want.prob_no_mining, atol=1e-5)
+
+
+def test_explain_says_why_when_it_cannot(tiny_checkpoint):
+    model = load_pretrained(str(tiny_checkpoint("vicuna")), device="cpu")
+    s = Engine(model).session()
+    with pytest.raises(IndexError):
+        s.explain()
+    run(s, "Hello", [RED], options=GREEDY)
+    with pytest.raises(ValueError, match="unknown attribution method"):
+        s.explain(method="saliency")
+    old = s.turns[-1]
+    s.undo()
+    with pytest.raises(AttributionUnavailable, match="not there any more"):
+        s.explain(old)
