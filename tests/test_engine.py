@@ -200,9 +200,10 @@ def test_context_overflow_drops_oldest_turns_with_a_notice():
 
 
 # ---- image generation ------------------------------------------------------------------------------------
-def test_forced_h_prompt_renders_a_png_with_tiny_sdxl(vicuna, tiny_sdxl, tmp_path):
+@ENGINE_PATHS
+def test_forced_h_prompt_renders_a_png_with_tiny_sdxl(vicuna, tiny_sdxl, tmp_path, max_active):
     from mini_gemini.imagegen import ImageGenerator, extract_image_prompt
-    eng = Engine(vicuna, ImageGenerator(str(tiny_sdxl), device="cpu"))
+    eng = Engine(vicuna, ImageGenerator(str(tiny_sdxl), device="cpu"), max_active=max_active)
     opts = GenOptions(temperature=0, max_new_tokens=6, steps=2, image_seed=0)
     events, turn = run(eng.session(), "Please generate an image of a cat.", generate_image=True, options=opts)
     assert " <GEN>" in turn.prompt
@@ -241,10 +242,11 @@ def test_model_written_h_prompt_is_used(vicuna, max_active):
     assert kinds(events, "image") and any(e.data == 0.5 for e in kinds(events, "progress"))
 
 
-def test_long_image_prompts_are_cut_to_sdxl_clip_tokens_and_the_user_is_told(vicuna, tiny_sdxl):
+@ENGINE_PATHS
+def test_long_image_prompts_are_cut_to_sdxl_clip_tokens_and_the_user_is_told(vicuna, tiny_sdxl, max_active):
     from mini_gemini.imagegen import ImageGenerator
     gen = ImageGenerator(str(tiny_sdxl), device="cpu")
-    eng = Engine(vicuna, gen)
+    eng = Engine(vicuna, gen, max_active=max_active)
     long = " ".join(["a beautiful red cat on the blue sea at night, photo of a green tree"] * 8)
     opts = GenOptions(temperature=0, max_new_tokens=400, steps=1, image_seed=0)
     cases = {
@@ -317,10 +319,11 @@ def test_diffusion_failure_or_missing_pipeline_keeps_the_text_answer(vicuna, tmp
     assert regen.notes[0] == "Image 1: transparency composited on white."  # notes of the message stay
 
 
-def test_regenerate_follows_the_image_switch(vicuna):
+@ENGINE_PATHS
+def test_regenerate_follows_the_image_switch(vicuna, max_active):
     """Regenerate with the image switch now off draws nothing; switched on again, it draws."""
     gen = FakeImageGenerator()
-    s = Engine(vicuna, gen).session()
+    s = Engine(vicuna, gen, max_active=max_active).session()
     events, turn = run(s, "Draw a cat", generate_image=True, options=GREEDY)
     assert kinds(events, "image") and len(gen.prompts) == 1
     again = list(s.regenerate(GREEDY, generate_image=False))

@@ -2,9 +2,9 @@
 `explain_answer` on the prompt the model saw, the images in its window, the ablation from the kept LR tokens."""
 import pytest
 import torch
+from helpers import run
 from PIL import Image
 
-from helpers import run
 from mini_gemini.chat.engine import Engine, GenOptions
 from mini_gemini.errors import AttributionUnavailable
 from mini_gemini.modeling.attribution import ImageEvidence, explain_answer
