@@ -95,13 +95,14 @@ bw = bandwidth()
 del big
 
 engine = Engine(model)
-engine.stop_ids = []  # no early stop: the full DECODE_TOKENS are written
-model.llm.generation_config.eos_token_id = None
 img = Image.fromarray((np.random.RandomState(0).rand(480, 640, 3) * 255).astype('uint8'))
 session = engine.session()
 t0 = time.perf_counter()
-list(session.chat('Describe the image in detail.', [img], options=GenOptions(max_new_tokens=new_tokens, temperature=0.0)))
-ctx = session.kv[0].get_seq_length() if session.kv else None
+# ignore_eos: no early stop, the full DECODE_TOKENS are written
+list(session.chat('Describe the image in detail.', [img],
+                  options=GenOptions(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)))
+turn = session.turns[-1]
+ctx = len(turn.prompt_ids) - 1 + engine.tokens_per_image + len(turn.token_ids)
 rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float('nan')
 out = dict(encode_s=marks['encode_end'] - marks['encode_start'],
            prefill_s=marks['prefill_end'] - marks['prefill_start'],
