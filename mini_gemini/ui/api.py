@@ -16,6 +16,7 @@ from .server import session_of, user_error
 from .turns import gen_options, run_turn
 
 log = logging.getLogger(__name__)
+API_UPDATES_PER_S = 4   # streamed /chat updates per second after the first (the page's chat streams ~20)
 TIMINGS_LOG = os.environ.get("MGM_LOG_TIMINGS", "").lower() in ("1", "true", "yes", "on")
 # what /chat takes, said to a client whose call Gradio could not even read (see params.CheckedBlocks)
 CHAT_SHAPE = ("/chat takes 4 values: message (text), images (a list of files uploaded with the call, e.g. "
@@ -38,8 +39,12 @@ def api_chat(message: str, images: list | None, generate_image: bool, temperatur
     handler = time.monotonic()
     session, ex = session_of(request)
     live = None
+    sent = None
     for live in run_turn(session, ex, message, files, generate_image, gen_options(temperature), display=False):
-        if live.error is None and live.text:  # nothing to send before the answer has text
+        # the first text at once, then at most API_UPDATES_PER_S updates: each costs the server and every client
+        # CPU (Gradio serialises it, the client parses it), which many users at once feel as first-token delay
+        if live.error is None and live.text and (sent is None or time.monotonic() - sent >= 1 / API_UPDATES_PER_S):
+            sent = time.monotonic()
             yield api_reply(live.text, [], asked=live.asked), None, []
     if live.error:
         raise gr.Error(live.error, print_exception=False)  # already logged, in one line, by run_turn
