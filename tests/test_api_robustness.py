@@ -318,7 +318,8 @@ def test_file_routes_serve_nothing_outside_gradios_folders(srv, tmp_path):
     import gradio.utils
     c = client(srv)
     chat(c, ASK, [_png(tmp_path / "private.png", (1, 2, 3))])
-    (copy,) = srv.app.EXTRAS[c.session_hash].display.values()  # the app's own copy of this user's picture
+    # a file the app made for this user (its heatmaps of the picture), kept in the app's own folder
+    copy = str(next(srv.app.EXTRAS[c.session_hash].folder.glob("*.png")))
     note = tmp_path / "notes.txt"  # in the temp folder, where Gradio takes the app's *outputs* from
     note.write_text("TOP SECRET 42")
     secrets = {"/etc/passwd": b"root:", str(ROOT / "mini_gemini" / "ui" / "app.py"): b"def api_chat", str(note): b"TOP SECRET",
@@ -346,7 +347,8 @@ def test_images_must_be_uploaded_not_named(srv, tmp_path):
     """A server-side path passed as an `images` entry is refused, whatever the form: nothing is read."""
     other = client(srv)
     chat(other, ASK, [_png(tmp_path / "theirs.png", (7, 8, 9))])
-    (theirs,) = srv.app.EXTRAS[other.session_hash].display.values()  # another user's picture, as kept
+    # a picture the app made for another user (its heatmaps), kept in the app's own folder
+    theirs = str(next(srv.app.EXTRAS[other.session_hash].folder.glob("*.png")))
     local = _png(tmp_path / "local.png", (200, 0, 0))             # on the server's disk, never uploaded
     keys = {image_key(Image.open(p).convert("RGB")) for p in (theirs, local)}
     for path in ("/etc/passwd", str(ROOT / "app.py"), str(local), str(theirs), "../../../../etc/passwd"):
