@@ -54,15 +54,20 @@ def mgm_2b_config() -> dict:
     """MGM-2B's config.json fields that fix its shapes (Gemma-2B + CLIP-L/336 + ConvNeXt-L at 768)."""
     from transformers import GemmaConfig
 
-    from .modeling.config import DEFAULT_VISION_TOWER, DEFAULT_VISION_TOWER_AUX
     cfg = GemmaConfig(vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
                       num_attention_heads=8, num_key_value_heads=1, head_dim=256, max_position_embeddings=8192,
                       tie_word_embeddings=True).to_dict()
-    cfg.update(model_type="mgm_gemma", architectures=["MGMGemmaForCausalLM"], mm_vision_tower=DEFAULT_VISION_TOWER,
+    return _with_mgm_fields(cfg, "mgm_gemma", "MGMGemmaForCausalLM", image_size_aux=768, image_grid=1,
+                            image_global=False)
+
+
+def _with_mgm_fields(cfg: dict, model_type: str, architecture: str, **images) -> dict:
+    """An LLM config dict with the official MGM fields (CLIP-L/336 + ConvNeXt-L towers, mlp2x_gelu projector)."""
+    from .modeling.config import DEFAULT_VISION_TOWER, DEFAULT_VISION_TOWER_AUX
+    cfg.update(model_type=model_type, architectures=[architecture], mm_vision_tower=DEFAULT_VISION_TOWER,
                mm_vision_tower_aux=DEFAULT_VISION_TOWER_AUX, mm_projector_type="mlp2x_gelu", mm_hidden_size=1024,
                mm_hidden_size_aux=2880, mm_vision_select_layer=-2, mm_vision_select_feature="patch",
-               image_size_aux=768, image_grid=1, image_global=False, image_aspect_ratio="pad",
-               mm_use_im_start_end=False, mm_use_im_patch_token=False)
+               image_aspect_ratio="pad", mm_use_im_start_end=False, mm_use_im_patch_token=False, **images)
     return cfg
 
 
@@ -71,17 +76,11 @@ def mgm_7b_hd_config() -> dict:
     global view + ConvNeXt-L at 1536; DESIGN.md section 1.3): 5 x 576 = 2880 visual tokens."""
     from transformers import LlamaConfig
 
-    from .modeling.config import DEFAULT_VISION_TOWER, DEFAULT_VISION_TOWER_AUX
     cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                       rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                       tie_word_embeddings=False).to_dict()
-    cfg.update(model_type="mgm", architectures=["MGMLlamaForCausalLM"], mm_vision_tower=DEFAULT_VISION_TOWER,
-               mm_vision_tower_aux=DEFAULT_VISION_TOWER_AUX, mm_projector_type="mlp2x_gelu", mm_hidden_size=1024,
-               mm_hidden_size_aux=2880, mm_vision_select_layer=-2, mm_vision_select_feature="patch",
-               image_size_aux=1536, image_grid=2, image_global=True, image_aspect_ratio="pad",
-               mm_use_im_start_end=False, mm_use_im_patch_token=False)
-    return cfg
+    return _with_mgm_fields(cfg, "mgm", "MGMLlamaForCausalLM", image_size_aux=1536, image_grid=2, image_global=True)
 
 
 def write_random_checkpoint(out: Path, cfg: dict, dtype=torch.bfloat16, shard_bytes: int = 2 << 30,
@@ -402,9 +401,14 @@ def main(argv=None):
         from . import bench_attribution
         results.update(bench_attribution.bench_attribution())
         goals.update(bench_attribution.GOALS)
+    report(results, goals, args.json)
+
+
+def report(results: dict, goals: dict, as_json: bool = False) -> None:
+    """One line per figure (with its goal, if any); with `as_json`, all of them as one JSON object last."""
     for k, v in results.items():
         print(f"{k:>28}: {v}" + (f"   (goal {goals[k]})" if k in goals else ""))
-    if args.json:
+    if as_json:
         print(json.dumps(results))
 
 

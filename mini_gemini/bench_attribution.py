@@ -180,11 +180,8 @@ def main(argv=None):
     ap.add_argument("--relevancy", action="store_true", help="also time method='relevancy' (slow at 2b)")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     args = ap.parse_args(argv)
-    results = bench_attribution(args.shape, args.answer_tokens, args.relevancy)
-    for k, v in results.items():
-        print(f"{k:>28}: {v}" + (f"   (goal {GOALS[k]})" if k in GOALS else ""))
-    if args.json:
-        print(json.dumps(results))
+    from .bench import report
+    report(bench_attribution(args.shape, args.answer_tokens, args.relevancy), GOALS, args.json)
 
 
 if __name__ == "__main__":

@@ -137,3 +137,21 @@ def stop_process(proc) -> None:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def side_env_python(variable: str, script: str, venv: str, what: str) -> str:
+    """The python of a side environment (vLLM, lmms-eval: their pins differ from ours): from `variable`, or made
+    by `tools/<script>` in `venv` on CI; the test is skipped (saying how to make one) when there is none."""
+    import subprocess
+    py = os.environ.get(variable, "").strip() or None
+    if py is None and os.environ.get("CI", "").lower() == "true":
+        out = subprocess.run(["bash", str(ROOT / "tools" / script), venv], capture_output=True, text=True,
+                             timeout=1800)
+        assert out.returncode == 0, out.stderr[-3000:]
+        py = out.stdout.strip().splitlines()[-1]
+    if py is None:
+        pytest.skip(f"no {what} environment: set {variable} to the python of one (bash tools/{script} {venv} "
+                    "prints it)")
+    if not Path(py).exists():
+        pytest.fail(f"{variable}={py} does not exist")
+    return py

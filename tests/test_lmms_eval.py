@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, side_env_python
 
 from mini_gemini.eval import digits, lmms
 from mini_gemini.training.evaluate import is_right
@@ -30,18 +30,7 @@ def _module(path: Path):
 
 @pytest.fixture(scope="module")
 def lmms_py():
-    py = os.environ.get("MGM_LMMS_PYTHON", "").strip() or None
-    if py is None and os.environ.get("CI", "").lower() == "true":
-        out = subprocess.run(["bash", str(ROOT / "tools" / "setup_lmms_eval.sh"), "/tmp/venv-lmms"],
-                             capture_output=True, text=True, timeout=1800)
-        assert out.returncode == 0, out.stderr[-3000:]
-        py = out.stdout.strip().splitlines()[-1]
-    if py is None:
-        pytest.skip("no lmms-eval environment: set MGM_LMMS_PYTHON to the python of one "
-                    "(bash tools/setup_lmms_eval.sh /tmp/venv-lmms prints it)")
-    if not Path(py).exists():
-        pytest.fail(f"MGM_LMMS_PYTHON={py} does not exist")
-    return py
+    return side_env_python("MGM_LMMS_PYTHON", "setup_lmms_eval.sh", "/tmp/venv-lmms", "lmms-eval")
 
 
 def test_lmms_eval_scores_the_demo_model_as_the_projects_own_evaluation(lmms_py, tmp_path):

@@ -9,14 +9,13 @@ once), on tiny checkpoints with head_dim 64 (vLLM's CPU attention rejects the de
 """
 import json
 import os
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import kinds, run
+from helpers import kinds, run, side_env_python
 from PIL import Image
 
 from mini_gemini.chat.engine import Engine, GenOptions
@@ -24,7 +23,7 @@ from mini_gemini.modeling.export_llm import export_llm
 from mini_gemini.modeling.export_llm import main as export_main
 from mini_gemini.modeling.loading import load_pretrained, save_pretrained
 from mini_gemini.testing.tiny import build_tiny
-from mini_gemini.testing.vllm_server import VLLMServer, vllm_python
+from mini_gemini.testing.vllm_server import VLLMServer
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ["vicuna", "gemma"]           # the Llama and Gemma families of the released checkpoints
@@ -115,18 +114,7 @@ def test_an_unreachable_server_is_an_error_event_and_the_history_stays(tmp_path)
 # ---- the server ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vllm_py():
-    py = vllm_python()
-    if py is None and os.environ.get("CI", "").lower() == "true":
-        out = subprocess.run(["bash", str(ROOT / "tools" / "setup_vllm_cpu.sh"), "/tmp/venv-vllm"],
-                             capture_output=True, text=True, timeout=1800)
-        assert out.returncode == 0, out.stderr[-3000:]
-        py = out.stdout.strip().splitlines()[-1]
-    if py is None:
-        pytest.skip("no vLLM environment: set MGM_VLLM_PYTHON to the python of one "
-                    "(bash tools/setup_vllm_cpu.sh /tmp/venv-vllm prints it)")
-    if not Path(py).exists():
-        pytest.fail(f"MGM_VLLM_PYTHON={py} does not exist")
-    return py
+    return side_env_python("MGM_VLLM_PYTHON", "setup_vllm_cpu.sh", "/tmp/venv-vllm", "vLLM")
 
 
 @pytest.fixture(scope="module")
