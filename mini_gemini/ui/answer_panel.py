@@ -17,6 +17,7 @@ from . import server
 from .markup import literal
 from .mining_panel import entry_of, layout, png_files, shown_size, which_of
 from .server import session_of
+from .turns import gen_options  # (also where the ZeroGPU functions learn where the engine is)
 from .zerogpu import explain_turn, unmined_events
 
 METHOD_NAMES = ("attention", "relevancy")
@@ -243,7 +244,6 @@ def compare_reset_ui():
 
 def without_mining_ui(temperature, top_p, max_new_tokens, request: gr.Request):
     """Answer the latest question again without the mined detail; both answers side by side (streamed)."""
-    from .turns import gen_options
     session, _ = session_of(request)
     if not session.turns or not session.turns[-1].token_ids:
         yield "", "Ask a question about an image first."
