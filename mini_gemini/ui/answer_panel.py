@@ -185,7 +185,7 @@ def answer_caption(k: int, pieces: list[str], clicked: int | None, attribution, 
     where = answer_map.top_regions(maps, lay, *photo_size)
     view = {hm.CROPS: "the four HD crops, each over its quarter of the picture" if lay.grid > 1 else
             "the whole picture", hm.GLOBAL: "the global view over the whole picture"}[which]
-    share = (f"It gave {mass:.0%} of its attention to Image {k}." if attribution.method == "attention" else
+    share = (f"It gave {round(100 * mass)} % of its attention to Image {k}." if attribution.method == "attention" else
              f"Its relevancy on Image {k} sums to {mass:.3g}.")
     lines = [f"**Where {who} looked in Image {k}.** Bright = where the answer drew its detail from; where the "
              f"photo shows through, it drew on nothing there. {share}" + (f" Most in: {where}." if where else ""),
@@ -197,11 +197,16 @@ def answer_caption(k: int, pieces: list[str], clicked: int | None, attribution, 
             owed = sum(owed_to_mining(attribution))
             ratio = float(np.median(q / np.maximum(p, 1e-12)))
             lines.append(f"**Without the mined detail** the answer's words would be {ratio:.2g}× as likely (median "
-                         f"over its {len(p)} words); {owed} of them (orange) lose half their probability or more.")
+                         f"over its {len(p)} token{'s' if len(p) != 1 else ''}); {owed} of {len(p)} (orange) lose half "
+                         "their probability or more.")
         else:
             lines.append(f"**Without the mined detail** {_quote(pieces[clicked])} would have probability "
-                         f"{q[clicked]:.2f} instead of {p[clicked]:.2f}.")
+                         f"{_prob(q[clicked])} instead of {_prob(p[clicked])}.")
     return "\n\n".join(lines)
+
+
+def _prob(p: float) -> str:
+    return f"{p:.2f}" if p >= 0.095 else f"{p:.2g}"
 
 
 def answer_formulas(method: str, layers: tuple[int, int], lay: hm.Layout) -> str:
