@@ -7,6 +7,8 @@ through the words costs a picture each, not a pass of the model.
 """
 from __future__ import annotations
 
+import logging
+
 import gradio as gr
 import numpy as np
 
@@ -17,9 +19,10 @@ from . import server
 from .markup import literal
 from .mining_panel import entry_of, layout, png_files, shown_size, which_of
 from .server import session_of
-from .turns import gen_options  # (also where the ZeroGPU functions learn where the engine is)
+from .turns import gen_options
 from .zerogpu import explain_turn, unmined_events
 
+log = logging.getLogger(__name__)
 METHOD_NAMES = ("attention", "relevancy")
 # Relevancy takes a backward pass per answer token (modeling/attribution.py, `answer_relevancy`: measured 11x
 # one prefill for a 4-token answer on MGM-2B's shapes, ~4 GB for the whole of it): offered for LLMs up to
@@ -39,6 +42,9 @@ def relevancy_unavailable(engine) -> str:
         return "the LLM runs on the server"
     if cfg.views > 1:
         return f"HD models see {cfg.views} views: relevancy's per-word backward pass would be too slow"
+    from ..modeling.quantization import is_quantized
+    if is_quantized(engine.model):
+        return "int8 layers (--quantize int8) have no backward pass"
     llm = engine.model.llm
     size = sum(p.numel() for p in llm.parameters()) + sum(b.numel() for b in llm.buffers())
     if size > RELEVANCY_MAX_PARAMS:
@@ -129,6 +135,11 @@ def answer_ui(label, which, cmap, alpha, method, first, last, word, request: gr.
         attribution = explain_turn(session.id, session.turns, method, layers)
     except (AttributionUnavailable, SessionBusyError, ValueError) as e:
         return words_value(pieces, clicked, [False] * len(pieces)), None, literal(str(e)), "", word
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory: the chat and the mining maps stay usable
+        log.exception("the answer could not be attributed")
+        return (words_value(pieces, clicked, [False] * len(pieces)), None,
+                f"Where the answer looked could not be computed ({literal(type(e).__name__)}: {literal(str(e))}).",
+                "", word)
     owed = owed_to_mining(attribution)
     words = words_value(pieces, clicked, owed)
     entry, k = entry_of(session, label)

@@ -29,6 +29,7 @@ from ..resources import demo_model_path, resolve_model_name
 from .edits import EditGate
 from .markup import code, literal
 from .settings import DEFAULT_MODEL, RED_SQUARE, TURNS_AT_ONCE, parse_args
+from .zerogpu import use_engine
 
 if TYPE_CHECKING:
     from ..chat import Engine
@@ -38,6 +39,9 @@ MAX_FAILED = 20  # failed messages a conversation keeps on show (they hold the u
 ARGS = parse_args([])   # replaced by main()
 LOADER: Loader | None = None
 BLOCKS: gr.Blocks | None = None  # the app's page (set by main): whose upload route received which files
+# ZeroGPU (ui/zerogpu.py): the decorated functions (a turn, an attribution) find the engine through the app's loader,
+# at call time
+use_engine(lambda: LOADER.wait())
 
 DEMO_MODEL = ("It is a small model trained only on scenes like the examples, to answer “" + RED_SQUARE + "”, which "
               "colour the square with the digit is, how many squares there are and whether a colour is there, "

@@ -229,10 +229,11 @@ def overlay(photo: Image.Image, square_map: np.ndarray, *, cmap: str = "inferno"
     size = size or display_size(w, h)
     t = scaled(square_map, vmin, vmax)
     ri, ci = photo_cells(t.shape[:2], w, h, size)
-    heat = colorize(t, cmap, 0.0, 1.0)[ri[:, None], ci[None, :]].astype(np.float32)
-    a = (alpha * t ** FADE_GAMMA if fade else np.full(t.shape, alpha, np.float32))[ri[:, None], ci[None, :], None]
-    photo_rgb = np.asarray(base if base is not None else display_rgb(photo, size), dtype=np.float32)
-    out = Image.fromarray((photo_rgb + (heat - photo_rgb) * a + 0.5).astype(np.uint8))
+    heat = Image.fromarray(np.ascontiguousarray(colorize(t, cmap, 0.0, 1.0)[ri][:, ci]))
+    a = alpha * t ** FADE_GAMMA if fade else np.full(t.shape, alpha, np.float32)
+    mask = Image.fromarray(np.ascontiguousarray((np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)[ri][:, ci]))
+    # PIL blends in C: photo * (1 - mask / 255) + heat * mask / 255, rounded
+    out = Image.composite(heat, base if base is not None else display_rgb(photo, size), mask)
     if mark is not None:
         draw = ImageDraw.Draw(out)
         x0, y0, x1, y1 = mark
