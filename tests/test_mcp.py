@@ -388,7 +388,7 @@ def test_the_chat_endpoint_is_not_an_mcp_tool_but_stays_an_api(mcp_app):
     from gradio_client import Client, handle_file
     reply, _, gallery = Client(mcp_app, verbose=False).predict(QUESTION, [handle_file(str(EXAMPLE))], False, 0.0,
                                                                api_name="/chat")
-    assert reply and len(gallery) == 2
+    assert reply and len(gallery) == 3  # mining focus, mining gain, where the answer looked
 
     async def work(s):
         return await s.call_tool("api_chat", {"message": "hi"})
