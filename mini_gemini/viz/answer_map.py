@@ -13,7 +13,7 @@ from .hr_map import tile_views
 from .legend import with_colorbar
 
 TOP_PERCENTILE = 99.5   # the top of the colour scale: a few brightest pixels never wash the rest out
-EVEN_LABEL = ("times an even spread (1 = the answer's attention spread evenly over this picture)")
+EVEN_LABEL = "times an even spread (1 = as if the answer drew on every part of this picture alike)"
 
 REGIONS = (("top-left", "top", "top-right"), ("left", "centre", "right"),
            ("bottom-left", "bottom", "bottom-right"))
