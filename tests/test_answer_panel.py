@@ -120,3 +120,20 @@ def test_with_an_llm_server_the_panel_says_why_there_is_no_answer_map(app):
     assert path is None and len(words) == len(local.turns[-1].token_ids)
     assert "not available with `--llm-server`" in caption and "run on the server" in caption
     assert method.choices == [("attention", "attention")] and "the LLM runs on the server" in method.info
+
+
+def test_the_readme_figure_is_made_by_its_command(tmp_path):
+    """`python tools/answer_map_figure.py` (the README's figure): the demo model reads the digit beside the real photo,
+    and not without the mined detail."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+    out = tmp_path / "figure.png"
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "answer_map_figure.py"), "--out", str(out)],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith(f"{out}: '3' (") and "without mining '3'" not in run.stdout
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (1100, 620)

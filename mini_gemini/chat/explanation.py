@@ -69,9 +69,11 @@ def answer_without_mining(engine: Engine, session_id: str, prompt_ids: list[int]
                           options: GenOptions) -> Iterator[Event]:
     """Write an answer to `prompt_ids` with the mining-free visual tokens of `images` (see the module docstring).
 
-    Yields "notice" (its place in the queue), "delta" (text) events, then "done" with text = the whole answer
-    and data = its token ids. Closing the generator stops the answer. Raises what the run raises (e.g. out of
-    memory) and `AttributionUnavailable` (see `unmined_images`).
+    Returns a generator of "notice" (its place in the queue) and "delta" (text) events, then "done" with text = the
+    whole answer and data = its token ids; closing it stops the answer, iterating it raises what the run raises
+    (e.g. out of memory).
+    Raises:
+        AttributionUnavailable: an image kept no LR tokens (see `unmined_images`), at once.
     """
     plain = unmined_images(engine, images)
     length = len(prompt_ids) + sum(int(im.tokens.shape[0]) - 1 for im in plain)
@@ -79,7 +81,10 @@ def answer_without_mining(engine: Engine, session_id: str, prompt_ids: list[int]
     engine.kv_store.drop(owner)   # a dropped owner's cache is never kept: this answer leaves nothing behind
     request = Request(list(prompt_ids), plain, options, max(1, min(options.max_new_tokens, engine.max_context - length)),
                       stop_texts=engine.detokenizer.stop_texts + options.stop, owner=owner)
-    run = engine.start_run(request, threading.Event())
+    return _written(engine.start_run(request, threading.Event()))
+
+
+def _written(run) -> Iterator[Event]:
     try:
         for delta in run:
             yield delta if isinstance(delta, Event) else Event("delta", delta)
@@ -87,4 +92,3 @@ def answer_without_mining(engine: Engine, session_id: str, prompt_ids: list[int]
         run.abort()
         raise
     yield Event("done", run.text, list(run.ids))
-
