@@ -15,6 +15,11 @@ as the official demo does ("Reference OCR Token: ..."); the JSON object then has
 "height", "scale"} (null for an image not read), else "ocr" is null.
 `--save-mining FILE.npz` writes one array per image (image0, image1, ...), shaped (views, LR tokens, P*P), into a
 new file of exactly that name (an existing file is never overwritten: the run stops with an error first).
+`--explain` also attributes each answer (`ChatSession.explain`: where it looked, one extra pass after it; says where
+on stderr): with it `--save-mining` adds answer0, answer1, ... (answer tokens, views, side*P, side*P) float32, each
+answer token's high-resolution map per view of the images the answer saw, and answer_tokens (their text), and
+`--json` adds answer_tokens, answer_token_prob and answer_token_prob_no_mining (each answer token's probability with
+and without the mined detail), explain_method, explain_layers and answer_summary.
 Generated images go to `--out-dir` as mgm-image-N.png, N a number not in use there: no file is ever replaced.
 """
 from __future__ import annotations
@@ -45,12 +50,27 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
     ap.add_argument("--save-mining", metavar="FILE.npz", help="write the mining weights of every image to this new "
                                                               "file (refused if it exists)")
+    ap.add_argument("--explain", nargs="?", const="attention", choices=("attention", "relevancy"), metavar="METHOD",
+                    help="attribute each answer to the images' high-resolution pixels (where it looked) and to mining "
+                         "(its words' probability without the mined detail); METHOD attention (default) or relevancy "
+                         "(a backward pass per answer token: small models, short answers)")
+    ap.add_argument("--explain-layers", metavar="START:STOP", type=_layer_range,
+                    help="LLM layers [START, STOP) whose attention --explain reads (default: the middle half for "
+                         "attention, all for relevancy)")
     ap.add_argument("--generate-image", action="store_true", help="ask the model for an image (SDXL)")
     ap.add_argument("--ocr", action="store_true", help="read the text in the images (OCR) and add it to every "
                                                        "message as the official demo does (needs the ocr extra)")
     ap.add_argument("--out-dir", default=".", help="where generated images are written (as mgm-image-N.png, a new N "
                                                    "each time: no file there is ever replaced)")
     return ap
+
+
+def _layer_range(text: str) -> tuple[int, int]:
+    try:
+        start, stop = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give the layers as START:STOP, e.g. 4:14 (got {text!r})") from None
+    return start, stop
 
 
 EMPTY_MESSAGE = ("Nothing to answer: the message is empty (or only spaces and control characters) and no image "
@@ -90,11 +110,15 @@ def _main(argv: list[str], as_json: bool) -> int:
     args = parser.parse_args(argv)
     from .chat.engine import Engine, GenOptions
     from .chat.types import clean_text
+    from .errors import AttributionUnavailable
     if args.prompt is not None and not args.image and not clean_text(args.prompt).strip():
         return _fail(EMPTY_MESSAGE, "empty_message", as_json)  # known before the model is loaded
     if args.save_mining and Path(args.save_mining).exists():  # said before the model loads; never overwritten
         return _fail(f"{args.save_mining} already exists and would be overwritten: give --save-mining a new file "
                      "name (or remove that file).", "write", as_json)
+    if args.explain and args.llm_server:  # known before the model loads
+        return _fail("--explain needs the LLM's layers in this process; with --llm-server they run on the server.",
+                     "usage", as_json, 2)
     from .modeling.loading import ModelLoadError, load_pretrained
     from .model_flags import quantization_arg
     try:
@@ -104,6 +128,12 @@ def _main(argv: list[str], as_json: bool) -> int:
                                 llm_layers=not args.llm_server)  # with a server, the LLM's layers run there
     except (ModelLoadError, ValueError, OSError) as e:
         return _fail(str(e), "model", as_json, 2)
+    if args.explain_layers is not None:  # known before any answer is written
+        n_layers = model.config.llm.num_hidden_layers
+        start, stop = args.explain_layers
+        if not 0 <= start < stop <= n_layers:
+            return _fail(f"--explain-layers {start}:{stop} is not a range of this LLM's {n_layers} layers: give "
+                         f"START:STOP with 0 <= START < STOP <= {n_layers}.", "usage", as_json, 2)
     imagegen = None
     if args.generate_image or args.sdxl:
         from .imagegen import DEFAULT_SDXL, ImageGenerator
@@ -142,20 +172,39 @@ def _main(argv: list[str], as_json: bool) -> int:
 
     mining_written = []  # --save-mining: made by this run (then each turn rewrites it), else must not exist
 
+    def explain(turn) -> dict | None:
+        """--explain: the answer's attribution, with what --save-mining and --json take from it (None without it)."""
+        if not args.explain or not turn.token_ids:
+            return None
+        from .chat.explanation import token_texts
+        from .viz import heatmap as hm
+        from .viz.answer_map import answer_summary
+        attribution = session.explain(turn, method=args.explain, layers=args.explain_layers)
+        seen = session.images_seen(turn)
+        numbers = {id(im): k for k, im in enumerate(session.images, 1)}
+        summary = answer_summary(attribution, seen, seen, numbers, hm.Layout.from_config(model.config))
+        print(f"[where the answer looked: {summary['text']}]", file=sys.stderr)
+        return {"attribution": attribution, "tokens": token_texts(engine.detokenizer, attribution.answer_ids),
+                "maps": {numbers[id(im)] - 1: a.hr_map.numpy() for im, a in zip(seen, attribution.images)},
+                "summary": summary}
+
     def finish(turn):
-        """Write the turn's picture (a new name in --out-dir, never over a file there) and the mining maps."""
+        """Write the turn's picture (a new name in --out-dir, never over a file there) and the mining maps; returns
+        (the picture's path or None, --explain's result or None)."""
         image_path = None
         if turn.generated_image is not None:
             with new_file(out_dir, "mgm-image", ".png") as (image_path, f):
                 turn.generated_image.save(f, format="PNG")
             print(f"[image written to {image_path}]", file=sys.stderr)
+        explained = explain(turn)
         if args.save_mining and session.images:
             from .viz.heatmap import save_npz  # the one writer: the app's download holds the same arrays
             opened = replacing_file(args.save_mining) if mining_written else exclusive_file(args.save_mining)
             with opened as f:
-                save_npz(f, [im.attn.numpy() for im in session.images], [im.gain.numpy() for im in session.images])
+                save_npz(f, [im.attn.numpy() for im in session.images], [im.gain.numpy() for im in session.images],
+                         explained["maps"] if explained else None, explained["tokens"] if explained else None)
             mining_written.append(True)
-        return image_path
+        return image_path, explained
 
     if args.prompt is not None:
         turn = run_turn(args.prompt, args.image, stream=not args.json)
@@ -164,17 +213,26 @@ def _main(argv: list[str], as_json: bool) -> int:
                 print(json.dumps(failure, ensure_ascii=False), flush=True)
             return 1
         try:
-            image_path = finish(turn)
+            image_path, explained = finish(turn)
         except OSError as e:  # --out-dir or --save-mining cannot be written; the answer is still given
             return _fail(f"Could not write the output: {e}", "write", as_json, 1, text=turn.assistant,
                          token_ids=turn.token_ids)
+        except (AttributionUnavailable, ValueError) as e:  # --explain could not attribute this answer
+            return _fail(str(e), "explain", as_json, 1, text=turn.assistant, token_ids=turn.token_ids)
         if args.json:
-            print(json.dumps({"text": turn.assistant, "token_ids": turn.token_ids, "prompt": turn.prompt,
-                              "input_ids": turn.prompt_ids, "image_prompt": turn.image_prompt,
-                              "image_path": str(image_path) if image_path else None,
-                              "notes": turn.notes,
-                              "ocr": [dict(im.ocr.to_dict(), texts=im.ocr.texts) if im.ocr is not None else None
-                                      for im in session.images] if args.ocr else None}, ensure_ascii=False))
+            result = {"text": turn.assistant, "token_ids": turn.token_ids, "prompt": turn.prompt,
+                      "input_ids": turn.prompt_ids, "image_prompt": turn.image_prompt,
+                      "image_path": str(image_path) if image_path else None,
+                      "notes": turn.notes,
+                      "ocr": [dict(im.ocr.to_dict(), texts=im.ocr.texts) if im.ocr is not None else None
+                              for im in session.images] if args.ocr else None}
+            if explained is not None:
+                a = explained["attribution"]
+                result.update(answer_tokens=explained["tokens"], answer_token_prob=a.prob.tolist(),
+                              answer_token_prob_no_mining=None if a.prob_no_mining is None else a.prob_no_mining.tolist(),
+                              explain_method=a.method, explain_layers=list(a.layers),
+                              answer_summary=explained["summary"]["text"])
+            print(json.dumps(result, ensure_ascii=False))
         return 0
 
     print(f"Mini-Gemini ({model.config.family}, template {model.processor.template.name}). Empty line or Ctrl-D to quit; "
@@ -204,6 +262,8 @@ def _main(argv: list[str], as_json: bool) -> int:
                 finish(turn)
             except OSError as e:
                 print(f"error: could not write the output: {e}", file=sys.stderr)
+            except (AttributionUnavailable, ValueError) as e:
+                print(f"error: {e}", file=sys.stderr)
     return 0
 
 

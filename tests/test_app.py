@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from mini_gemini.viz import heatmap as hm
-from mini_gemini.viz.legend import LEGEND_HEIGHT
+from mini_gemini.viz.legend import legend_height
 from helpers import launch_app, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,10 +202,11 @@ def test_api_sessions_follow_ups_heatmaps_and_images(app_url):
     a, b = _client(app_url), _client(app_url)
     reply, image, gallery = a.predict(QUESTION, [handle_file(str(EXAMPLE))], False, 0.0, api_name="/chat")
     assert isinstance(reply, str) and image is None
-    assert [g["caption"] for g in gallery] == ["Image 1: mining focus", "Image 1: mining gain"]
+    assert [g["caption"] for g in gallery] == ["Image 1: mining focus", "Image 1: mining gain",
+                                               "Image 1: where the answer looked"]
     for g in gallery:  # real pictures, in the photo's own geometry (512 x 384)
         with Image.open(g["image"]) as im:
-            assert im.size == (512, 384 + LEGEND_HEIGHT)  # the photo's shape, and a colour bar
+            assert im.size == (512, 384 + legend_height(512))  # the photo's shape, and a colour bar
 
     # B never sees A's history: same answer as a fresh client, and no heatmaps of A's image
     b_reply, _, b_gallery = b.predict(FOLLOW_UP, [], False, 0.0, api_name="/chat")
@@ -213,7 +214,13 @@ def test_api_sessions_follow_ups_heatmaps_and_images(app_url):
     # A's follow-up is answered with its first turn (image and all) in view
     a_reply, _, a_gallery = a.predict(FOLLOW_UP, [], False, 0.0, api_name="/chat")
     assert a_reply != alone[0]
-    assert len(a_gallery) == 2
+    assert [g["caption"] for g in a_gallery] == [g["caption"] for g in gallery]
+    # the mining maps are the picture's (drawn once, the same file again); where the answer looked is this answer's
+    assert [g["image"] for g in a_gallery[:2]] == [g["image"] for g in gallery[:2]]
+    with Image.open(gallery[2]["image"]) as first, Image.open(a_gallery[2]["image"]) as second:
+        assert first.size == second.size
+        diff = np.abs(np.asarray(first, dtype=np.int16) - np.asarray(second, dtype=np.int16))[:384]
+        assert diff.max() > 40, "the answer maps of two questions about one picture are the same"
 
     # generate_image=True returns a real PNG drawn by the (tiny) SDXL
     reply, image, _ = b.predict("Draw a red square on a white table.", [], True, 0.0, api_name="/chat")
@@ -260,7 +267,7 @@ def test_mined_pixels_map_puts_each_weight_at_its_hr_position():
     """The map of mined HR pixels: token t's P x P weights land in t's own cell, candidate (r, c) at row
     r, column c of it; HD crops tile the square row-major and the global view covers it whole."""
     from mini_gemini.viz.hr_map import mined_pixels
-    from mini_gemini.viz.legend import LEGEND_HEIGHT, with_colorbar
+    from mini_gemini.viz.legend import legend_height, with_colorbar
     layout = hm.Layout(side=2, patch=3, grid=2, global_view=True)
     attn = np.random.default_rng(0).random((5, 4, 9)).astype(np.float32)
     crops = mined_pixels(attn, layout)
@@ -283,9 +290,9 @@ def test_mined_pixels_map_puts_each_weight_at_its_hr_position():
     # the legend strip: the ramp from vmin (left) to vmax (right) under the picture
     from PIL import Image
     shown = with_colorbar(Image.new("RGB", (200, 100), (0, 0, 0)), "gray", 0.0, 0.5, "mining weight")
-    assert shown.size == (200, 100 + LEGEND_HEIGHT)
-    ramp = np.asarray(shown)[100 + 6 + 6]                                # a row through the colour bar
-    assert ramp[10].sum() < ramp[100].sum() < ramp[189].sum()
+    assert shown.size == (200, 100 + legend_height(200))
+    ramp = np.asarray(shown)[100 + 7 + 7].astype(int)                    # a row through the colour bar
+    assert ramp[25].sum() < ramp[100].sum() < ramp[175].sum()
 
 
 # ---- a newcomer's second look ----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from PIL import Image
 
 from mini_gemini.modeling.config import MGMConfig
 from mini_gemini.viz import heatmap as hm
-from mini_gemini.viz.legend import LEGEND_HEIGHT
+from mini_gemini.viz.legend import legend_height
 from test_app import EXAMPLE, QUESTION, ROOT, start_app
 
 SHOTS = ROOT / "artifacts" / "screenshots"
@@ -100,20 +100,38 @@ def test_chat_heatmap_zoom_image_and_markup(browser_page, tiny_checkpoint):
     page.wait_for_selector("#mgm-gain img")
     natural = page.evaluate("() => { const i = document.querySelector('#mgm-overlay img');"
                             " return [i.naturalWidth, i.naturalHeight]; }")
-    assert natural == [512, 384 + LEGEND_HEIGHT]                     # the photo's shape, and its colour bar
+    tall = 480 + legend_height(640)
+    assert natural == [640, tall]              # the photo's shape (512 x 384 drawn at 640 wide), and its colour bar
+    shown = page.evaluate("() => document.querySelector('#mgm-overlay img').getBoundingClientRect().width")
+    panel = page.evaluate("() => document.querySelector('#mgm-panel').getBoundingClientRect().width")
+    assert shown > 0.85 * panel, (shown, panel)  # as wide as the panel
     caption = page.locator("#mgm-caption").inner_text()
     assert "high-resolution details" in caption and f"{layout_px}×{layout_px}" in caption
     page.screenshot(path=str(SHOTS / "01-answer-and-heatmap.png"), full_page=True)
 
+    # where the answer looked: its words, the whole answer's map; a click on a word shows that word's map
+    page.wait_for_selector("#mgm-answer-map img")
+    page.wait_for_selector("#mgm-answer-caption :text('Where the whole answer')")
+    words = page.locator("#mgm-words .token")
+    assert words.count() >= 2
+    whole = page.locator("#mgm-answer-map img").get_attribute("src")
+    words.nth(1).click()
+    page.wait_for_selector(f"#mgm-answer-caption :text('token 2 of {words.count()}')")
+    assert page.locator("#mgm-answer-map img").get_attribute("src") != whole
+    page.click("#mgm-again")
+    page.wait_for_selector("#mgm-without-mining :text('Without mining')")
+    page.wait_for_selector("#mgm-with-mining :text('With mining')")
+    page.screenshot(path=str(SHOTS / "01b-where-the-answer-looked.png"), full_page=True)
+
     # 3. click the centre of one LR token's cell: that token's candidates appear, zoomed
     layout = hm.Layout.from_config(cfg)
     token = 2 * layout.side + 2                                    # row 2, column 2: holds part of the red square
-    x0, y0, x1, y1 = hm.cell_in_photo(layout, 0, token, (512, 384))
+    x0, y0, x1, y1 = hm.cell_in_photo(layout, 0, token, (512, 384), (640, 480))
+    overlay.scroll_into_view_if_needed()
     box = overlay.bounding_box()
     # Gradio maps a click to natural pixels through the scale of the shown picture (never above 1)
-    tall = 384 + LEGEND_HEIGHT
-    scale = min(box["width"] / 512, box["height"] / tall, 1)
-    left = box["x"] + (box["width"] - 512 * scale) / 2
+    scale = min(box["width"] / 640, box["height"] / tall, 1)
+    left = box["x"] + (box["width"] - 640 * scale) / 2
     top = box["y"] + (box["height"] - tall * scale) / 2
     page.mouse.click(left + (x0 + x1) / 2 * scale, top + (y0 + y1) / 2 * scale)
     page.wait_for_selector("#mgm-zoom img")
@@ -133,7 +151,7 @@ def test_chat_heatmap_zoom_image_and_markup(browser_page, tiny_checkpoint):
     with page.expect_download() as download:
         page.click("text=Download PNG")
     with Image.open(download.value.path()) as im:
-        assert im.format == "PNG" and im.size == (512, 384 + LEGEND_HEIGHT)  # with its colour bar
+        assert im.format == "PNG" and im.size == (640, tall)  # with its colour bar
 
     # 4. ask for a picture: progress while diffusing, then the image inline with the prompt the LLM wrote
     page.check("#mgm-gen input")

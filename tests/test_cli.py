@@ -231,3 +231,70 @@ def test_new_file_names_are_taken_atomically(tmp_path):
     path, fd = create_new(tmp_path / "sub", "z", ".bin")  # the folder is made when missing
     os.close(fd)
     assert path == tmp_path / "sub" / "z-1.bin"
+
+
+# ---- --explain: where the answer looked ---------------------------------------------------------------------------
+def _engine_explanation(folder, images, method="attention", layers=None):
+    """The same conversation in a fresh engine, and its `ChatSession.explain` (the reference for the CLI's output)."""
+    from mini_gemini.chat.engine import Engine, GenOptions
+    from mini_gemini.chat.explanation import token_texts
+    from mini_gemini.modeling.loading import load_pretrained
+    engine = Engine(load_pretrained(str(folder), device="cpu"))
+    session = engine.session()
+    list(session.chat(PROMPT, [str(p) for p in images], options=GenOptions(temperature=0, max_new_tokens=5)))
+    attribution = session.explain(method=method, layers=layers)
+    return session, attribution, token_texts(engine.detokenizer, attribution.answer_ids)
+
+
+def test_cli_explain_saves_each_answer_tokens_map_and_its_probabilities(tiny_checkpoint, tmp_path, capsys):
+    from mini_gemini.cli import main
+    folder = tiny_checkpoint("vicuna", hd=True)
+    images = write_images(tmp_path)
+    mining = tmp_path / "m.npz"
+    code = main(["--model", str(folder), "--image", str(images[0]), "--image", str(images[1]), "--prompt", PROMPT,
+                 "--json", "--max-new-tokens", "5", "--save-mining", str(mining), "--explain"])
+    assert code == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out.strip().splitlines()[-1])
+    session, want, tokens = _engine_explanation(folder, images)
+    assert out["token_ids"] == want.answer_ids and out["answer_tokens"] == tokens
+    assert "".join(tokens).strip() == out["text"]
+    assert out["answer_token_prob"] == pytest.approx(want.prob.tolist(), abs=1e-6)
+    assert out["answer_token_prob_no_mining"] == pytest.approx(want.prob_no_mining.tolist(), abs=1e-6)
+    assert out["explain_method"] == "attention" and out["explain_layers"] == list(want.layers) == [0, 2]
+    assert out["answer_summary"].startswith("Image 1 (45×30 px): the answer drew on")
+    assert "[where the answer looked: Image 1" in captured.err
+    saved = np.load(mining)
+    assert sorted(saved.files) == ["answer0", "answer1", "answer_tokens", "gain0", "gain1", "image0", "image1"]
+    assert saved["answer_tokens"].tolist() == tokens
+    for k, image in enumerate(want.images):   # (answer tokens, views, side*P, side*P): 5 views of 4x4 tokens, P = 4
+        arr = saved[f"answer{k}"]
+        assert arr.dtype == np.float32 and arr.shape == (len(want.answer_ids), 5, 16, 16)
+        np.testing.assert_allclose(arr, image.hr_map.numpy(), atol=1e-6)
+        # the geometry of viz.hr_map.mined_pixels per view: token t's map is its relevance times the mining weights
+        attn = saved[f"image{k}"]
+        np.testing.assert_allclose(arr[0, 2, 4:8, 0:4],
+                                   image.relevance[0, 2, 4].item() * attn[2, 4].reshape(4, 4), rtol=1e-5, atol=1e-9)
+
+
+def test_cli_explain_relevancy_with_a_layer_range_and_its_errors(tiny_checkpoint, tmp_path, capsys):
+    from mini_gemini.cli import main
+    folder = tiny_checkpoint("gemma")
+    images = write_images(tmp_path)[:1]
+    code = main(["--model", str(folder), "--image", str(images[0]), "--prompt", PROMPT, "--json",
+                 "--max-new-tokens", "5", "--explain", "relevancy", "--explain-layers", "1:2"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    _, want, tokens = _engine_explanation(folder, images, "relevancy", (1, 2))
+    assert out["explain_method"] == "relevancy" and out["explain_layers"] == [1, 2]
+    assert out["answer_tokens"] == tokens
+    assert out["answer_token_prob"] == pytest.approx(want.prob.tolist(), abs=1e-6)
+    # a layer range the LLM does not have, and --explain with the LLM on a server: said in one line, no answer
+    assert main(["--model", str(folder), "--image", str(images[0]), "--prompt", PROMPT, "--json",
+                 "--explain", "--explain-layers", "1:9"]) == 2
+    err = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert err["error_kind"] == "usage" and "2 layers" in err["error"]
+    assert main(["--model", str(folder), "--prompt", PROMPT, "--json", "--explain",
+                 "--llm-server", "http://127.0.0.1:9"]) == 2
+    err = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert err["error_kind"] == "usage" and "--llm-server" in err["error"]

@@ -52,3 +52,46 @@ def test_explain_says_why_when_it_cannot(tiny_checkpoint):
     s.undo()
     with pytest.raises(AttributionUnavailable, match="not there any more"):
         s.explain(old)
+
+
+def test_answer_without_mining_is_written_from_the_lr_tokens_and_kept_nowhere(tiny_checkpoint):
+    """The same question answered again with the visual tokens = projector(x): the greedy answer of a plain
+    `generate` over those tokens, streamed like any answer; the history and the kept caches stay as they were."""
+    from helpers import stop_ids_of
+
+    from mini_gemini.chat.explanation import token_texts
+    model = load_pretrained(str(tiny_checkpoint("vicuna")), device="cpu")
+    engine = Engine(model)
+    s = engine.session()
+    run(s, "What is in the first image?", [RED], options=GREEDY)
+    run(s, "And this one?", [BLUE], options=GREEDY)
+    turn = s.turns[-1]
+    history, answer, held = list(s.turns), turn.assistant, engine.kv_store.holders()
+    events = list(s.answer_without_mining(options=GREEDY))
+    done = events[-1]
+    assert done.kind == "done" and [e.kind for e in events[:-1]] == ["delta"] * (len(events) - 1)
+    assert done.text == "".join(e.text for e in events[:-1])
+    with torch.no_grad():
+        plain = []
+        for im in (RED, BLUE):
+            v = model.processor.image_processor(im)
+            plain.append(model.encode_images(v.pixel_values[None], v.pixel_values_aux[None], mining=False)
+                         .image_features[0])
+        ids = model.generate(turn.prompt_ids, plain, max_new_tokens=GREEDY.max_new_tokens).tolist()
+    stops = stop_ids_of(model)
+    want = ids[:next((i for i, t in enumerate(ids) if t in stops), len(ids))]
+    assert done.data == want and want != turn.token_ids  # this tiny model answers otherwise without the mined detail
+    assert s.turns == history and turn.assistant == answer and engine.kv_store.holders() == held
+    # each answer token's text, for the words a user clicks: together they are the decoded answer
+    pieces = token_texts(engine.detokenizer, turn.token_ids)
+    assert len(pieces) == len(turn.token_ids) and "".join(pieces).strip() == turn.assistant
+
+
+def test_token_texts_keep_spaces_and_whole_characters(tiny_checkpoint):
+    from mini_gemini.chat.explanation import token_texts
+    engine = Engine(load_pretrained(str(tiny_checkpoint("vicuna")), device="cpu"))
+    text = "The cat sat, naïvely — 猫 ok."
+    ids = engine.detokenizer.text_ids(text)
+    pieces = token_texts(engine.detokenizer, ids)
+    assert "".join(pieces) == engine.detokenizer.decode(ids) and len(pieces) == len(ids)
+    assert all("\ufffd" not in p for p in pieces)

@@ -244,6 +244,30 @@ def test_mining_summary_names_the_strongest_regions():
     assert region_shares(np.zeros((4, 4)), 10, 10) == []
 
 
+def test_the_summary_says_where_the_answer_looked(monkeypatch):
+    """The tool's summary comes from the answer's own map (its attribution through mining), not from the
+    question-agnostic mining focus: on the demo model, the digit's answer drew on the red square's region."""
+    from mini_gemini.chat.engine import GenOptions
+    from mini_gemini.ui import mcp, server
+    from mini_gemini.ui.settings import parse_args
+    from mini_gemini.viz import heatmap as hm
+    from mini_gemini.viz.answer_map import answer_summary
+    loader = server.Loader(parse_args(["--model", "demo", "--sdxl", "none", "--device", "cpu"])).start()
+    engine = loader.wait()
+    monkeypatch.setattr(server, "LOADER", loader)
+    session = engine.session("mcp-summary")
+    list(session.chat(QUESTION, [str(EXAMPLE)], options=GenOptions(temperature=0)))
+    turn = session.turns[-1]
+    text = mcp.mining_summary(session, turn.images)
+    layout = hm.Layout.from_config(engine.model.config)
+    want = answer_summary(session.explain(), session.images_seen(turn), turn.images, {id(turn.images[0]): 1}, layout)
+    assert text == "Mining summary, where the answer looked: " + want["text"]
+    # the red square (with its digit) lies right of the centre of squares-1.png: the answer drew on it most
+    assert want["images"][0]["regions"][0]["region"] == "right" and want["images"][0]["regions"][0]["share"] > 0.5
+    assert "Without the mined detail" in text
+    assert mcp.describe_image(turn.images[0], 1, layout).split(": ", 1)[1] not in text  # not the mining focus
+
+
 def test_the_flag_comes_from_the_command_line_or_the_environment(monkeypatch):
     from mini_gemini.ui.settings import parse_args
     for var in ("MGM_MCP_SERVER", "GRADIO_MCP_SERVER"):
@@ -337,7 +361,7 @@ def test_an_mcp_client_lists_the_tool_and_chats_about_an_image(mcp_app):
     assert not first.isError, first.content
     answer, summary, session = _reply(first)
     assert answer.strip()
-    assert "Image 1 (512×384 px)" in summary and "mining focus" in summary
+    assert summary.startswith("Mining summary, where the answer looked: Image 1 (512×384 px): the answer drew on")
     assert session.startswith("session_id: ") and "turn 1 of this conversation" in session
     sid = session.split()[1]
 
@@ -345,7 +369,7 @@ def test_an_mcp_client_lists_the_tool_and_chats_about_an_image(mcp_app):
     assert not follow.isError, follow.content
     f_answer, f_summary, f_session = _reply(follow)
     assert f_session.startswith(f"session_id: {sid} ") and "turn 2 of" in f_session
-    assert "no image in this turn" in f_summary and "Image 1 (512×384 px)" in f_summary
+    assert "no image in this turn" in f_summary and "Image 1 (512×384 px): the answer drew on" in f_summary
     fr_answer, fr_summary, fr_session = _reply(fresh)
     assert "turn 1 of" in fr_session and fr_session.split()[1] != sid
     assert fr_summary == "Mining summary: no image in this conversation yet."
@@ -364,7 +388,7 @@ def test_the_chat_endpoint_is_not_an_mcp_tool_but_stays_an_api(mcp_app):
     from gradio_client import Client, handle_file
     reply, _, gallery = Client(mcp_app, verbose=False).predict(QUESTION, [handle_file(str(EXAMPLE))], False, 0.0,
                                                                api_name="/chat")
-    assert reply and len(gallery) == 2
+    assert reply and len(gallery) == 3  # mining focus, mining gain, where the answer looked
 
     async def work(s):
         return await s.call_tool("api_chat", {"message": "hi"})

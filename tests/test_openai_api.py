@@ -264,11 +264,27 @@ def test_mining_summary_and_notes_are_opt_in_fields(tiny):
     r = tiny.client.chat.completions.create(model="m", messages=[user("Where?", RED, BLUE)],
                                             extra_body={"mgm_mining_summary": True}, **GREEDY)
     summary = r.mgm_mining_summary
-    assert summary["method"] == "mining_focus" and [s["image"] for s in summary["images"]] == [1, 2]
+    assert summary["method"] == "answer_attention" and [s["image"] for s in summary["images"]] == [1, 2]
     first = summary["images"][0]
     assert (first["width"], first["height"]) == RED.size
-    assert first["regions"] == [] or sum(s["share"] for s in first["regions"]) == pytest.approx(1.0)
-    assert summary["text"].startswith("Image 1 (40×30 px)") and "Image 2 (30×44 px)" in summary["text"]
+    assert sum(s["share"] for s in first["regions"]) == pytest.approx(1.0)
+    assert summary["text"].startswith("Image 1 (40×30 px): the answer drew on") and "Image 2 (30×44 px)" in summary["text"]
+    # where the answer looked: the answer map of the engine's own attribution of the same answer
+    session = Engine(tiny.model).session()
+    events = list(session.chat("Where?", [RED, BLUE], options=GenOptions(temperature=0, max_new_tokens=24)))
+    turn = [e.data for e in events if e.kind == "done"][0]
+    attribution = session.explain()
+    from mini_gemini.viz import heatmap as hm
+    from mini_gemini.viz.answer_map import answer_summary
+    want = answer_summary(attribution, session.images_seen(turn), turn.images, {id(im): k for k, im in
+                                                                                 enumerate(turn.images, 1)},
+                          hm.Layout.from_config(tiny.model.config))
+    assert summary["text"] == want["text"] and summary["layers"] == want["layers"]
+    for got, exp in zip(summary["images"], want["images"]):
+        assert [g["region"] for g in got["regions"]] == [e["region"] for e in exp["regions"]]
+        assert [g["share"] for g in got["regions"]] == pytest.approx([e["share"] for e in exp["regions"]], abs=1e-6)
+        assert got["attention"] == pytest.approx(exp["attention"], abs=1e-6)
+    assert summary["ablation"]["tokens"] == len(turn.token_ids)
     later = tiny.client.chat.completions.create(model="m", messages=[
         user("Where?", RED, BLUE), {"role": "assistant", "content": "Here."}, user("And now?")],
         extra_body={"mgm_mining_summary": True}, **GREEDY)

@@ -146,16 +146,21 @@ class ModelRunner:
         from ..modeling.attribution import ImageEvidence, explain_answer
         with self.lock:
             self.end_packed()
-            projector = self.model.mm_projector
-            p = next(projector.parameters())
-            evidence = []
-            with torch.no_grad():
-                for im in images:
-                    plain = None
-                    if im.lr_features is not None:
-                        plain = projector(im.lr_features.to(p.device, p.dtype)).to(im.tokens.dtype)
-                    evidence.append(ImageEvidence(im.tokens, im.attn, plain))
+            evidence = [ImageEvidence(im.tokens, im.attn, None if im.lr_features is None else
+                                      self._project(im.lr_features, im.tokens.dtype)) for im in images]
             return explain_answer(self.model, prompt_ids, evidence, answer_ids, method=method, layers=layers)
+
+    def unmined_tokens(self, lr_features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """projector(x): the visual tokens of an image without its mined detail (the mining ablation), from its LR
+        tokens `lr_features` (V*N, C); (V*N, D) in `dtype` on the model's device. Under the model's lock."""
+        with self.lock:
+            return self._project(lr_features, dtype)
+
+    def _project(self, lr_features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        projector = self.model.mm_projector
+        p = next(projector.parameters())
+        with torch.no_grad():
+            return projector(lr_features.to(p.device, p.dtype)).to(dtype)
 
     def let_encoders_in(self) -> None:
         """Called by a scheduler between two steps (not holding the lock): wait up to ENCODE_TURN_S while an

@@ -312,6 +312,36 @@ class ChatSession:
         finally:
             self._busy.release()
 
+    def answer_without_mining(self, turn: Turn | int = -1, options: GenOptions | None = None) -> Iterator[Event]:
+        """The same question answered again without the mined high-resolution detail: the prompt the model saw for
+        `turn`, every image's visual tokens = projector(x) from its LR tokens (`ImageEntry.lr_features`) instead of
+        projector(x + mined). Written by the engine like any answer (queued with the others), never put into the
+        history, no KV cache kept (`chat.explanation`). Works with `--llm-server` too (the projector is here).
+
+        Args:
+            turn: the `Turn` (or its index in `turns`; default the last one).
+            options: sampling and length (default: greedy, `GenOptions(temperature=0)`).
+        Yields:
+            "notice" (the place in the queue), "delta" (text), then "done" (text = the answer, data = its ids).
+            Closing the generator stops the answer.
+        Raises:
+            AttributionUnavailable: the turn has no answer, or an image kept no LR tokens.
+            SessionBusyError: a turn is being answered in this conversation.
+            whatever the run raises (e.g. out of memory), while iterating.
+        """
+        from .explanation import answer_without_mining
+        options = (options or GenOptions(temperature=0.0)).checked()
+        if not self._busy.acquire(timeout=BUSY_WAIT_S):
+            raise SessionBusyError("This conversation is still answering; ask again once it is done.")
+        try:  # what the model saw, taken under the turn lock; the answer itself is written without it
+            t = self.turns[turn] if isinstance(turn, int) else turn
+            if t not in self.turns or not t.token_ids:
+                raise AttributionUnavailable("That answer is not there any more, or it has no tokens.")
+            prompt_ids, images = list(t.prompt_ids), self.images_seen(t)
+        finally:
+            self._busy.release()
+        return answer_without_mining(self.engine, self.id, prompt_ids, images, options)
+
     def images_seen(self, turn: Turn) -> list[ImageEntry]:
         """The images the model saw for `turn`'s answer, in the prompt's slot order (its window of the history)."""
         idx = next(i for i, t in enumerate(self.turns) if t is turn)

@@ -95,31 +95,50 @@ def image_markdown(data_url: str, prompt: str | None) -> str:
 
 # ---- what the model read and wrote ------------------------------------------------------------------------
 def mining_summary(engine: Engine, session: ChatSession, turn: Turn) -> dict:
-    """Where patch info mining picked out high-resolution detail for this answer's images (the turn's own, or
-    the conversation's latest image when the turn sent none).
-
-    Today the summary is question-agnostic (`viz.mining_summary`: shares of mining focus per region of each
-    image, as the MCP tool prints). HOOK for issue #17: an answer-grounded summary from its attribution is to
-    replace the body of this function; the response field and its keys ("method", "images", "text") stay, and
-    "method" tells clients which summary they got.
+    """Where this answer looked in its images (the turn's own, or the conversation's latest image when the turn sent
+    none), from its attribution (`ChatSession.explain`, one extra pass after the answer): the regions of each image
+    its map weighs most, the share of its attention each image got, and how much its words owed to mining
+    (`viz.answer_map.answer_summary`). With `--llm-server` the LLM's layers are elsewhere: the question-agnostic
+    mining focus of each image instead (`viz.mining_summary`, "method": "mining_focus", with a "why").
 
     Returns:
-        {"method": "mining_focus", "images": [{"image": k, "width", "height", "regions": [{"region", "share"}],
-        "mean_focus", "gain_min", "gain_max"}], "text": one sentence per image}.
+        {"method": "answer_attention", "layers": [start, stop), "images": [{"image": k, "width", "height",
+        "regions": [{"region", "share"}], "attention"}], "ablation": {"median_ratio", "halved", "tokens"},
+        "text": one sentence per image and one on mining}; or the mining-focus summary (see `focus_summary`).
+    """
+    from ..errors import AttributionUnavailable
+    from ..viz import heatmap as hm
+    from ..viz.answer_map import answer_summary
+    images = session.images
+    numbers = {id(im): k for k, im in enumerate(images, 1)}
+    seen = session.images_seen(turn)
+    chosen = [im for im in turn.images if id(im) in numbers] or [im for im in images[-1:] if im in seen]
+    if not chosen:
+        return {"method": "answer_attention", "images": [], "text": "No image in this conversation."}
+    try:
+        attribution = session.explain(turn)
+    except AttributionUnavailable as e:
+        return focus_summary(engine, chosen, numbers, why=str(e))
+    return answer_summary(attribution, seen, chosen, numbers, hm.Layout.from_config(engine.model.config))
+
+
+def focus_summary(engine: Engine, chosen: list, numbers: dict, why: str) -> dict:
+    """The question-agnostic summary: shares of mining focus per region of each image (`viz.mining_summary`), as
+    the answer could not be attributed here (`why`).
+
+    Returns:
+        {"method": "mining_focus", "why", "images": [{"image": k, "width", "height", "regions": [{"region",
+        "share"}], "mean_focus", "gain_min", "gain_max"}], "text": one sentence per image}.
     """
     from ..viz import heatmap as hm
     from ..viz.mining_summary import describe, image_summary
-    images = session.images
-    numbers = {id(im): k for k, im in enumerate(images, 1)}
-    chosen = [im for im in turn.images if id(im) in numbers] or images[-1:]
     layout = hm.Layout.from_config(engine.model.config)
     out = []
     for im in chosen:
         w, h = im.image.size
         out.append({"image": numbers[id(im)], **image_summary(im.attn.float().numpy(), im.gain.float().numpy(),
                                                               w, h, layout)})
-    text = " ".join(describe(s, s["image"]) for s in out) if out else "No image in this conversation."
-    return {"method": "mining_focus", "images": out, "text": text}
+    return {"method": "mining_focus", "why": why, "images": out, "text": " ".join(describe(s, s["image"]) for s in out)}
 
 
 # ---- one answer, written in a thread --------------------------------------------------------------------------
@@ -180,6 +199,7 @@ class Answer:
             return
         self.session = session = eng.stateless_session(history)
         events = session.chat(last.text, last.images, generate_image=req.generate_image, options=req.options)
+        done = None
         try:
             for ev in events:
                 if self.stopped.is_set():  # a Stop pressed before the turn began is cleared by it: press again
@@ -195,9 +215,11 @@ class Answer:
                 elif ev.kind == "error":
                     yield ("error", ev.text, ev.data)
                 elif ev.kind == "done":
-                    yield ("done", self._final(session, ev.data))
+                    done = ev.data
         finally:
             events.close()
+        if done is not None:  # once the turn has ended (its lock free): the summary may take the model again
+            yield ("done", self._final(session, done))
 
     def _final(self, session: ChatSession, turn: Turn) -> Final:
         eng, req = self.engine, self.request

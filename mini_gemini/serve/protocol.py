@@ -17,8 +17,8 @@ Request fields (https://platform.openai.com/docs/api-reference/chat/create):
 - extensions: `mgm_generate_image` (bool: the model writes an image prompt and Stable Diffusion XL draws it;
   the picture comes back as a data URL in the message content; `mgm_image_options` sets its "steps" (1-500),
   "guidance" (0-50), "width" / "height" (px) and "negative_prompt"; `seed` seeds the drawing too),
-  `mgm_mining_summary` (bool: where mining
-  picked out high-resolution detail, as a field `mgm_mining_summary` of the response), `ignore_eos` (bool, as
+  `mgm_mining_summary` (bool: where the answer looked in its images, from its attribution carried down through
+  patch info mining, as a field `mgm_mining_summary` of the response), `ignore_eos` (bool, as
   vLLM: write `max_tokens` tokens whatever the model writes).
 """
 from __future__ import annotations

@@ -9,8 +9,8 @@ import time
 import gradio as gr
 
 from ..chat import clean_text
+from .gallery import heatmap_gallery
 from .markup import split_image_prompt
-from .mining_panel import heatmap_gallery
 from .params import MAX_TEMPERATURE, temperature_param
 from .server import session_of, user_error
 from .turns import gen_options, run_turn
@@ -27,7 +27,8 @@ CHAT_SHAPE = ("/chat takes 4 values: message (text), images (a list of files upl
 def api_chat(message: str, images: list | None, generate_image: bool, temperature: float, request: gr.Request):
     """One chat turn for API clients. Each client (its Gradio session) has its own history.
 
-    Returns (reply text, generated image or None, gallery of mining heatmaps for every image so far); the
+    Returns (reply text, generated image or None, gallery of heatmaps: for every image so far its mining focus and
+    gain, and where the answer looked in each image it saw — see `gallery.heatmap_gallery`); the
     reply ends with the turn's notes, if any, each a paragraph starting with "Note: ". A value of the wrong
     type is refused in one sentence (gr.Error) that says what to send.
     """

@@ -30,6 +30,17 @@ from ..resources import examples_dir
 from ..serve.openai_api import mount_in_app
 from ..viz import heatmap as hm
 from . import mcp, server
+from .answer_panel import (
+    COLOURS,
+    NOTHING,
+    answer_ui,
+    compare_reset_ui,
+    controls,
+    method_layers_ui,
+    whole_answer_ui,
+    without_mining_ui,
+    word_ui,
+)
 from .api import CHAT_SHAPE, api_chat
 from .console import log_to_console
 from .markup import code, literal
@@ -62,23 +73,23 @@ def model_info(engine: Engine | None) -> str:
 
 
 def watch_loading(progress=gr.Progress()):
-    """Progress line while the model loads; then the banner, the model panel, the HD view switch, and the two
-    switches with the note saying why one is off."""
+    """Progress line while the model loads; then the banner, the model panel, the HD view switch, the two
+    switches with the note saying why one is off, and the answer map's method and layer range."""
     while not server.LOADER.done.wait(0.3):
         progress(server.LOADER.fraction, desc=server.LOADER.stage)
         yield (f"Loading: {literal(server.LOADER.stage)} ({time.monotonic() - server.LOADER.started:.0f} s)",
-               *(gr.skip() for _ in range(6)))
+               *(gr.skip() for _ in range(9)))
     engine = server.LOADER.engine
     if engine is None:
         yield (f"**Error:** {literal(server.LOADER.failure)}", gr.Markdown(visible=False), "",
-               *(gr.skip() for _ in range(4)))
+               *(gr.skip() for _ in range(7)))
         return
     layout = hm.Layout.from_config(engine.model.config)
     (gen, gen_why), (ocr, ocr_why) = image_switch(engine), ocr_switch(engine, demo=server.LOADER.demo)
     yield (f"Ready: {literal(str(engine.model.name_or_path))}",
            gr.Markdown(server.LOADER.banner, visible=bool(server.LOADER.banner)), model_info(engine),
            gr.Radio(choices=list(layout.choices()), value=hm.CROPS, visible=layout.global_view),
-           gen, ocr, switch_note(gen_why, ocr_why))
+           gen, ocr, switch_note(gen_why, ocr_why), *controls(engine))
 
 
 def ocr_switch(engine: Engine, demo: bool) -> tuple[gr.Checkbox, str]:
@@ -164,25 +175,41 @@ def build_demo() -> gr.Blocks:
                                       elem_id="mgm-steps")
                 gr.Examples(_examples(), inputs=textbox, label="Examples (small digits in coloured squares)")
                 model_md = gr.Markdown(elem_id="mgm-model")
-            with gr.Column(scale=1):
-                gr.Markdown("### Patch info mining")
+            with gr.Column(scale=1, elem_id="mgm-panel"):
                 with gr.Row():
                     image_dd = gr.Dropdown(choices=[], value=None, label="Image", elem_id="mgm-image", scale=1)
                     which = gr.Radio([hm.CROPS], value=hm.CROPS, label="Map of", visible=False, scale=1)
-                    metric = gr.Radio(list(MAPS), value=MINED, label="Left map", scale=1, elem_id="mgm-metric")
-                with gr.Row():
-                    cmap = gr.Dropdown(CMAPS, value="inferno", label="Colormap")
-                    opacity = gr.Slider(0.0, 1.0, value=0.6, step=0.05, label="Opacity")
-                with gr.Row():
-                    with gr.Column(min_width=220):
-                        gr.Markdown("**What the model mined** (click a point to inspect it)")
-                        overlay_img = gr.Image(show_label=False, type="pil", format="png", interactive=False,
-                                               elem_id="mgm-overlay")
-                    with gr.Column(min_width=220):
-                        gr.Markdown("**How much each token changed** (mining gain)")
-                        gain_img = gr.Image(show_label=False, type="pil", format="png", interactive=False,
-                                            elem_id="mgm-gain")
+                    cmap = gr.Dropdown(CMAPS, value="inferno", label="Colormap", scale=1)
+                    opacity = gr.Slider(0.0, 1.0, value=0.8, step=0.05, label="Opacity (top of the scale)", scale=1)
+                gr.Markdown("### Where the answer looked")
+                words = gr.HighlightedText(label="The latest answer: click a word", show_legend=True,
+                                           show_inline_category=False, combine_adjacent=False, color_map=COLOURS,
+                                           interactive=False, elem_id="mgm-words")
+                with gr.Row(equal_height=True):
+                    whole_btn = gr.Button("Whole answer", size="sm", elem_id="mgm-whole", scale=0, min_width=120)
+                    method = gr.Radio(["attention"], value="attention", label="Method", elem_id="mgm-method", scale=2)
+                    first_layer = gr.Slider(0, 1, value=0, step=1, label="From LLM layer", elem_id="mgm-first", scale=1)
+                    last_layer = gr.Slider(0, 1, value=0, step=1, label="To LLM layer", elem_id="mgm-last", scale=1)
+                answer_img = gr.Image(show_label=False, type="filepath", format="png", interactive=False,
+                                      elem_id="mgm-answer-map", buttons=["fullscreen", "download"])
+                answer_md = gr.Markdown(NOTHING, elem_id="mgm-answer-caption")
+                with gr.Accordion("How this map is computed", open=False):
+                    answer_how = gr.Markdown(elem_id="mgm-answer-how")
+                again_btn = gr.Button("Answer again without mining", size="sm", elem_id="mgm-again")
+                with gr.Row(equal_height=False):
+                    with_md = gr.Markdown(elem_id="mgm-with-mining")
+                    without_md = gr.Markdown(elem_id="mgm-without-mining")
+                gr.Markdown("### What patch info mining picked out (whatever was asked)")
+                metric = gr.Radio(list(MAPS), value=MINED, label="Mining map", elem_id="mgm-metric")
+                gr.Markdown("**What the model mined** (click a point to inspect it)")
+                overlay_img = gr.Image(show_label=False, type="pil", format="png", interactive=False,
+                                       elem_id="mgm-overlay", buttons=["fullscreen", "download"])
+                gr.Markdown("**How much each token changed** (mining gain)")
+                gain_img = gr.Image(show_label=False, type="pil", format="png", interactive=False,
+                                    elem_id="mgm-gain", buttons=["fullscreen", "download"])
                 caption = gr.Markdown("Send an image to see where patch info mining looked.", elem_id="mgm-caption")
+                with gr.Accordion("How these maps are computed", open=False):
+                    mining_how = gr.Markdown(elem_id="mgm-mining-how")
                 gr.Markdown("**The clicked token:** its part of the photo | the weights of its high-resolution "
                             "candidates")
                 zoom_img = gr.Image(show_label=False, type="pil", format="png", interactive=False,
@@ -192,6 +219,7 @@ def build_demo() -> gr.Blocks:
                     dl_png = gr.DownloadButton("Download PNG", interactive=False, size="sm")
                     dl_npz = gr.DownloadButton("Download maps (.npz)", interactive=False, size="sm")
         selected = gr.State(None)
+        word = gr.State(None)
 
         # The API endpoint's own (hidden) inputs and outputs.
         with gr.Row(visible=False):
@@ -210,34 +238,52 @@ def build_demo() -> gr.Blocks:
         model = dict(concurrency_id="model", concurrency_limit=TURNS_AT_ONCE, api_visibility="private")
         private = dict(api_visibility="private")
         panel_in = [image_dd, which, metric, cmap, opacity, selected]
-        panel_out = [image_dd, overlay_img, gain_img, caption, zoom_img, zoom_md, dl_png, dl_npz, selected]
+        panel_out = [image_dd, overlay_img, gain_img, caption, mining_how, zoom_img, zoom_md, dl_png, dl_npz, selected]
+        answer_in = [image_dd, which, cmap, opacity, method, first_layer, last_layer, word]
+        answer_out = [words, answer_img, answer_md, answer_how, word]
         settings = [temperature, top_p, max_new, steps]
 
-        demo.load(watch_loading, None, [status, banner, model_md, which, gen_cb, ocr_cb, switches_note],
+        demo.load(watch_loading, None, [status, banner, model_md, which, gen_cb, ocr_cb, switches_note, method,
+                                        first_layer, last_layer],
                   concurrency_limit=None,
                   show_progress="minimal", **private)
         history_buttons = [regen_btn, undo_btn, clear_btn]
         sent = textbox.submit(chat_ui, [textbox, gen_cb, ocr_cb, *settings], [chatbot, textbox, stop_btn],
                               show_progress="hidden", **model)
+        # after a turn or an edit: the mining panel (it picks the image), then the answer map of that image
         sent.then(turn_shown_ui, None, history_buttons, **private)  # also tells an Undo waiting for it
-        sent.then(panel_after_turn, panel_in, panel_out, **private)
+        sent.then(compare_reset_ui, None, [with_md, without_md], **private)
+        sent.then(panel_after_turn, panel_in, panel_out, **private).then(answer_ui, answer_in, answer_out, **model)
         sent.then(imagegen_state_ui, None, [gen_cb, model_md, switches_note], **private)
         again = regen_btn.click(regenerate_ui, [gen_cb, ocr_cb, *settings], [chatbot, textbox, stop_btn],
                                 show_progress="hidden", **model)
         again.then(turn_shown_ui, None, history_buttons, **private)
-        again.then(panel_ui, panel_in, panel_out, **private)
+        again.then(compare_reset_ui, None, [with_md, without_md], **private)
+        again.then(panel_ui, panel_in, panel_out, **private).then(answer_ui, answer_in, answer_out, **model)
         again.then(imagegen_state_ui, None, [gen_cb, model_md, switches_note], **private)
         stop_btn.click(stop_ui, None, None, queue=False, **private)
         undone = undo_btn.click(undo_ui, None, chatbot, **private)
-        undone.then(panel_ui, panel_in, panel_out, **private)
+        undone.then(compare_reset_ui, None, [with_md, without_md], **private)
+        undone.then(panel_ui, panel_in, panel_out, **private).then(answer_ui, answer_in, answer_out, **model)
         undone.then(buttons_ui, None, history_buttons, **private)
         cleared = clear_btn.click(clear_ui, None, [chatbot, selected], **private)
-        cleared.then(panel_ui, panel_in, panel_out, **private)
+        cleared.then(compare_reset_ui, None, [with_md, without_md], **private)
+        cleared.then(panel_ui, panel_in, panel_out, **private).then(answer_ui, answer_in, answer_out, **model)
         cleared.then(buttons_ui, None, history_buttons, **private)
-        for control in (image_dd, which, metric, cmap):
-            control.input(panel_ui, panel_in, panel_out, **private)
-        opacity.release(panel_ui, panel_in, panel_out, **private)
+        for control in (image_dd, which, cmap):
+            control.input(panel_ui, panel_in, panel_out, **private).then(answer_ui, answer_in, answer_out, **model)
+        metric.input(panel_ui, panel_in, panel_out, **private)
+        opacity.release(panel_ui, panel_in, panel_out, **private).then(answer_ui, answer_in, answer_out, **model)
         overlay_img.select(click_ui, panel_in[:-1], [overlay_img, zoom_img, zoom_md, selected], **private)
+        # the answer map: a word, the whole answer, the method (its default layers) or the layers changed
+        words.select(word_ui, None, word, **private).then(answer_ui, answer_in, answer_out, **model)
+        whole_btn.click(whole_answer_ui, None, word, **private).then(answer_ui, answer_in, answer_out, **model)
+        method.input(method_layers_ui, method, [first_layer, last_layer], **private).then(
+            answer_ui, answer_in, answer_out, **model)
+        for layer in (first_layer, last_layer):
+            layer.release(answer_ui, answer_in, answer_out, **model)
+        again_btn.click(without_mining_ui, [temperature, top_p, max_new], [with_md, without_md],
+                        show_progress="minimal", **model)
         # preprocess=False: api_chat takes the values as sent (checked by CheckedBlocks, uploads by Gradio); gr.File's
         # own preprocessing would leave an empty temp file in Gradio's cache for every image, forever
         api_btn.click(api_chat, [api_msg, api_files, api_gen, api_temp], [api_reply, api_image, api_gallery],

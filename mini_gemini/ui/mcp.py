@@ -31,9 +31,10 @@ from types import SimpleNamespace
 import gradio as gr
 
 from ..chat import clean_text
-from ..errors import ImageError
+from ..errors import AttributionUnavailable, ImageError, SessionBusyError
 from ..inputs.remote import image_bytes
 from ..viz import heatmap as hm
+from ..viz.answer_map import answer_summary
 from ..viz.mining_summary import describe, image_summary, region_shares  # noqa: F401 - region_shares re-exported
 from . import server
 from .api import api_reply
@@ -41,6 +42,7 @@ from .params import MAX_TEMPERATURE, temperature_param
 from .server import session_of, user_error
 from .settings import TURNS_AT_ONCE
 from .turns import gen_options, run_turn
+from .zerogpu import explain_turn
 
 log = logging.getLogger(__name__)
 TOOL_NAME = "chat_about_image"
@@ -55,7 +57,7 @@ INSTALL = "pip install 'mcp>=1.21,<2'   (or: pip install 'gradio[mcp]')"
 
 def chat_about_image(message: str, image: str | None = None, session_id: str | None = None,
                      temperature: float = 0.2) -> str:
-    """Ask Mini-Gemini (a vision-language model) about an image, in a conversation that remembers earlier turns and images. Besides the answer it says in which regions of the image the model's visual tokens picked out high-resolution detail most (patch info mining), with each region's share.
+    """Ask Mini-Gemini (a vision-language model) about an image, in a conversation that remembers earlier turns and images. Besides the answer it says where in the image the answer looked (its attention to the image, carried down to high-resolution pixels through patch info mining), with each region's share, and how much the answer's words owed to the mined detail.
 
     Args:
         message: What to ask or say, e.g. "What is written on the sign?". May be empty when an image is sent.
@@ -64,7 +66,7 @@ def chat_about_image(message: str, image: str | None = None, session_id: str | N
         temperature: Sampling temperature from 0 (greedy, reproducible) to 1.5; default 0.2.
 
     Returns:
-        One text, in paragraphs: the model's answer; notes about the turn, each starting with "Note: " (message cut, image resized, ...); a paragraph starting with "Mining summary:" (for each image of this turn, or the latest one, the regions with the largest share of mining focus, e.g. "right 30%, centre 20%"); and a last line "session_id: <id> (turn N ...)" with the id to pass back to continue the conversation.
+        One text, in paragraphs: the model's answer; notes about the turn, each starting with "Note: " (message cut, image resized, ...); a paragraph starting with "Mining summary" (for each image of this turn, or the latest one, the regions the answer drew on most, e.g. "the answer drew on the right 41 %, centre 20 %", the share of its attention the image got, and how likely its words would be without the mined detail); and a last line "session_id: <id> (turn N ...)" with the id to pass back to continue the conversation.
     """
     text = message or ""  # types checked by params.CheckedBlocks
     source = (image or "").strip()
@@ -113,13 +115,15 @@ def _session_id(value: str) -> str:
 # ---- mining summary ------------------------------------------------------------------------------------
 def describe_image(entry, number: int, layout: hm.Layout, top: int = 3) -> str:
     """One line on image `number`: the regions where its tokens mined most selectively, with their share
-    (`mini_gemini.viz.mining_summary`)."""
+    (`mini_gemini.viz.mining_summary`; question-agnostic: what is said where the answer cannot be attributed)."""
     w, h = entry.image.size
     return describe(image_summary(entry.attn.float().numpy(), entry.gain.float().numpy(), w, h, layout), number, top)
 
 
 def mining_summary(session, turn_images: list) -> str:
-    """Mining summary of this turn's images, or of the conversation's latest image if the turn sent none."""
+    """Where the answer looked in this turn's images (or in the conversation's latest image if the turn sent none):
+    the regions its answer map weighs most and how much its words owed to mining (`viz.answer_map`); where the
+    answer cannot be attributed (`--llm-server`), the question-agnostic mining focus, saying why."""
     images = session.images
     numbers = {id(im): k for k, im in enumerate(images, 1)}
     chosen = [im for im in turn_images if id(im) in numbers]
@@ -129,9 +133,18 @@ def mining_summary(session, turn_images: list) -> str:
     if not chosen:
         return "Mining summary: no image in this conversation yet."
     layout = hm.Layout.from_config(server.LOADER.engine.model.config)
-    lines = [describe_image(im, numbers[id(im)], layout) for im in chosen]
-    return ("Mining summary" + (" (no image in this turn; the latest one)" if earlier else "") + ": "
-            + " ".join(lines))
+    head = "Mining summary" + (" (no image in this turn; the latest one)" if earlier else "")
+    turn = session.turns[-1] if session.turns else None
+    seen = session.images_seen(turn) if turn is not None else []
+    try:
+        if turn is None or not all(im in seen for im in chosen):
+            raise AttributionUnavailable("the answer did not see that image (it was left out to fit the context)")
+        attribution = explain_turn(session.id, session.turns, "attention", None)
+    except (AttributionUnavailable, SessionBusyError) as e:
+        lines = [describe_image(im, numbers[id(im)], layout) for im in chosen]
+        return (f"{head}: where the answer looked is not known here ({str(e).rstrip('.')}); where mining picked out "
+                "detail, whatever was asked: " + " ".join(lines))
+    return f"{head}, where the answer looked: " + answer_summary(attribution, seen, chosen, numbers, layout)["text"]
 
 
 # ---- wiring ------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +29,7 @@ from ..resources import demo_model_path, resolve_model_name
 from .edits import EditGate
 from .markup import code, literal
 from .settings import DEFAULT_MODEL, RED_SQUARE, TURNS_AT_ONCE, parse_args
+from .zerogpu import use_engine
 
 if TYPE_CHECKING:
     from ..chat import Engine
@@ -35,8 +37,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 MAX_FAILED = 20  # failed messages a conversation keeps on show (they hold the user's text)
 ARGS = parse_args([])   # replaced by main()
-LOADER: "Loader | None" = None
+LOADER: Loader | None = None
 BLOCKS: gr.Blocks | None = None  # the app's page (set by main): whose upload route received which files
+# ZeroGPU (ui/zerogpu.py): the decorated functions (a turn, an attribution) find the engine through the app's loader,
+# at call time
+use_engine(lambda: LOADER.wait())
 
 DEMO_MODEL = ("It is a small model trained only on scenes like the examples, to answer “" + RED_SQUARE + "”, which "
               "colour the square with the digit is, how many squares there are and whether a colour is there, "
@@ -56,7 +61,7 @@ class Loader:
         self.done = threading.Event()
         self.demo = False         # the bundled demo model is in use (it knows one task only)
 
-    def start(self) -> "Loader":
+    def start(self) -> Loader:
         threading.Thread(target=self._run, daemon=True, name="load-model").start()
         return self
 
@@ -163,6 +168,7 @@ class Failed:
 
 _workdir: Path | None = None
 KEEP_RENDERS = 3  # mining-panel pictures and downloads kept per client and kind (older ones are deleted)
+KEPT_FILES = 64   # files a client is shown again and again (a picture's gallery maps), the least recent deleted
 
 
 def workdir() -> Path:
@@ -194,6 +200,7 @@ class Extras:
         self.failed: list[Failed] = []
         self.display: dict[str, str] = {}   # image key -> display copy
         self.renders: dict[str, list[list[Path]]] = {}  # kind -> files of its latest renders, newest last
+        self.kept: OrderedDict[object, Path] = OrderedDict()  # what a file shows -> the file (`kept_file`)
         self.uploads: set[str] = set()      # files this client sent (paths in Gradio's upload folder)
         self.images_seen = 0                # images the mining panel has offered so far
         self.closed = False
@@ -218,6 +225,24 @@ class Extras:
         for files in old:
             for path in files:
                 _discard(path)
+
+    def kept_file(self, key, stem: str, suffix: str, data: bytes) -> Path:
+        """The file of this client that holds `data` for `key` (what it shows: a picture's mining map, say), written
+        the first time only; kept until the client leaves (the KEPT_FILES most recent ones)."""
+        with self.lock:
+            path = self.kept.get(key)
+            if path is not None and path.is_file():
+                self.kept.move_to_end(key)
+                return path
+            path = self.new_file(stem, suffix)
+            path.write_bytes(data)
+            self.kept[key] = path
+            old = []
+            while len(self.kept) > KEPT_FILES:
+                old.append(self.kept.popitem(last=False)[1])
+        for p in old:
+            _discard(p)
+        return path
 
     def note_uploads(self, files: list) -> None:
         """Remember the files a message sent (deleted when this client's session ends)."""

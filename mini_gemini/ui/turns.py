@@ -13,7 +13,7 @@ from ..errors import ImageError, SessionBusyError
 from . import server
 from .markup import answer_messages, user_bubble, render
 from .server import Extras, Failed, View, session_of, user_error
-from .zerogpu import Handoff, turn_events, use_engine
+from .zerogpu import Handoff, turn_events
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,6 @@ class Live:
 
 
 # ---- running a turn -------------------------------------------------------------------------------
-# ZeroGPU (ui/zerogpu.py): the decorated turn finds the engine through the app's loader, at call time
-use_engine(lambda: server.LOADER.wait())
-
-
 def run_turn(session, ex: Extras, text: str, files: list, generate_image: bool, options: GenOptions,
              regenerate: bool = False, display: bool = True):
     """Stream one turn; yields the Live state whenever it changed (at most ~20 times a second for text).

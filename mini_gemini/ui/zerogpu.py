@@ -82,3 +82,31 @@ def turn_events(sid: str, turns: list, text: str, images: list, generate_image: 
         events.close()  # a client that went away closes us: the engine then stops generating
     if adopted:
         yield Handoff(session.snapshot())
+
+
+def _session_with(sid: str, turns: list):
+    """The engine's session `sid` holding the caller's history (a ZeroGPU worker adopts it)."""
+    if _engine_source is None:
+        raise RuntimeError("No engine to run on: call mini_gemini.ui.zerogpu.use_engine(...) first.")
+    session = _engine_source().session(sid)
+    if session.turns is not turns:
+        session.adopt(turns)
+    return session
+
+
+@gpu
+def explain_turn(sid: str, turns: list, method: str, layers: tuple[int, int] | None):
+    """`ChatSession.explain` of the last answer of conversation `sid` (history `turns`), where the model runs.
+    Returns the `modeling.attribution.Attribution` (CPU tensors); raises what `explain` raises."""
+    return _session_with(sid, turns).explain(method=method, layers=layers)
+
+
+@gpu
+def unmined_events(sid: str, turns: list, options: GenOptions):
+    """The events of `ChatSession.answer_without_mining` for the last answer of conversation `sid` (history
+    `turns`), where the model runs; the history is not changed, so nothing is handed back."""
+    events = _session_with(sid, turns).answer_without_mining(options=options)
+    try:
+        yield from events
+    finally:
+        events.close()

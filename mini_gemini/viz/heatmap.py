@@ -12,6 +12,7 @@ Each LR token mines a P x P window of HR candidates that subdivides the token's 
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -41,7 +42,7 @@ class Layout:
     global_view: bool = False   # HD: a global view comes first in model order
 
     @classmethod
-    def from_config(cls, config) -> "Layout":
+    def from_config(cls, config) -> Layout:
         """From an MGMConfig (duck-typed: vision.image_size/patch_size, patch_side, image_grid, image_global)."""
         grid = int(config.image_grid)
         return cls(side=config.vision.image_size // config.vision.patch_size, patch=config.patch_side,
@@ -116,14 +117,22 @@ def to_photo(square_map: np.ndarray, width: int, height: int,
     Each output pixel takes the value of the map cell under its centre (nearest: token cells stay
     sharp and honest). out_size = (out_w, out_h), default the photo's own size.
     """
+    ri, ci = photo_cells(square_map.shape[:2], width, height, out_size)
+    return square_map[ri[:, None], ci[None, :]]
+
+
+def photo_cells(shape: tuple[int, int], width: int, height: int,
+                out_size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(row index (out_h,), column index (out_w,)): the cell of a (rows, cols) map over the padded square under
+    the centre of each output pixel of the photo shown at out_size (what `to_photo` samples)."""
     out_w, out_h = out_size or (width, height)
     left, top, side = pad_box(width, height)
-    rows, cols = square_map.shape[:2]
+    rows, cols = shape
     xs = ((np.arange(out_w) + 0.5) * width / out_w + left) / side
     ys = ((np.arange(out_h) + 0.5) * height / out_h + top) / side
     ci = np.clip(np.floor(xs * cols).astype(int), 0, cols - 1)
     ri = np.clip(np.floor(ys * rows).astype(int), 0, rows - 1)
-    return square_map[ri[:, None], ci[None, :]]
+    return ri, ci
 
 
 def display_size(width: int, height: int, low: int = 384, high: int = 640) -> tuple[int, int]:
@@ -173,30 +182,58 @@ def token_scores(attn: np.ndarray, metric: str = "focus") -> np.ndarray:
 
 
 # ---- pictures -------------------------------------------------------------------------------------
-def colorize(values: np.ndarray, cmap: str = "inferno", vmin: float | None = None,
-             vmax: float | None = None) -> np.ndarray:
-    """Values -> uint8 RGB through a matplotlib colormap, scaled to [vmin, vmax] (default: their range)."""
+@functools.lru_cache(maxsize=16)
+def _lut(cmap: str) -> np.ndarray:
+    """(256, 3) uint8: the colormap's 256 colours as RGB bytes."""
     import matplotlib  # only the colormap registry: no figures, no fonts, no backend
+    return (matplotlib.colormaps[cmap](np.arange(256))[:, :3] * 255 + 0.5).astype(np.uint8)
+
+
+def scaled(values: np.ndarray, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
+    """Values -> float32 in [0, 1] over [vmin, vmax] (default: their range; all 0 when it is empty; NaN -> 0)."""
     v = np.asarray(values, dtype=np.float64)
     lo = float(np.nanmin(v)) if vmin is None else vmin
     hi = float(np.nanmax(v)) if vmax is None else vmax
     t = (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
-    rgba = matplotlib.colormaps[cmap](np.clip(np.nan_to_num(t), 0.0, 1.0))
-    return (rgba[..., :3] * 255 + 0.5).astype(np.uint8)
+    return np.clip(np.nan_to_num(t), 0.0, 1.0).astype(np.float32)
+
+
+def colorize(values: np.ndarray, cmap: str = "inferno", vmin: float | None = None,
+             vmax: float | None = None) -> np.ndarray:
+    """Values -> uint8 RGB through a matplotlib colormap, scaled to [vmin, vmax] (default: their range).
+
+    The colormap's own 256-entry table, indexed as matplotlib indexes it (min(floor(t * 256), 255)): the
+    same bytes as `colormaps[cmap](t)`, without its float64 RGBA array."""
+    idx = np.minimum((scaled(values, vmin, vmax) * 256).astype(np.intp), 255)
+    return _lut(cmap)[idx]
+
+
+FADE_GAMMA = 0.6  # opacity = alpha * t ** FADE_GAMMA: middling values stay visible, zero stays clear
 
 
 def overlay(photo: Image.Image, square_map: np.ndarray, *, cmap: str = "inferno", alpha: float = 0.6,
             size: tuple[int, int] | None = None, vmin: float | None = None, vmax: float | None = None,
-            mark: tuple[float, float, float, float] | None = None) -> Image.Image:
+            mark: tuple[float, float, float, float] | None = None, fade: bool = False,
+            base: Image.Image | None = None) -> Image.Image:
     """The map (over the padded square) blended over the photo, at `size` (default display_size).
 
+    fade: the opacity follows the value (alpha * t ** FADE_GAMMA, t = the value scaled to [vmin, vmax]): the
+        photo stays as it is where the map is at its low end, and the colour covers it where the map is high.
+        Otherwise every pixel is blended with `alpha`.
     mark: a box in output pixels to outline (the selected token).
+    base: the photo already resized to `size` (RGB), when the caller keeps one.
+    The map is coloured at its own resolution, then each output pixel takes the colour of the cell under
+    its centre (nearest: token cells stay sharp and honest).
     """
     w, h = photo.size
     size = size or display_size(w, h)
-    heat = colorize(to_photo(square_map, w, h, size), cmap, vmin, vmax)
-    base = np.asarray(_display_rgb(photo, size), dtype=np.float32)
-    out = Image.fromarray((base * (1 - alpha) + heat.astype(np.float32) * alpha + 0.5).astype(np.uint8))
+    t = scaled(square_map, vmin, vmax)
+    ri, ci = photo_cells(t.shape[:2], w, h, size)
+    heat = Image.fromarray(np.ascontiguousarray(colorize(t, cmap, 0.0, 1.0)[ri][:, ci]))
+    a = alpha * t ** FADE_GAMMA if fade else np.full(t.shape, alpha, np.float32)
+    mask = Image.fromarray(np.ascontiguousarray((np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)[ri][:, ci]))
+    # PIL blends in C: photo * (1 - mask / 255) + heat * mask / 255, rounded
+    out = Image.composite(heat, base if base is not None else display_rgb(photo, size), mask)
     if mark is not None:
         draw = ImageDraw.Draw(out)
         x0, y0, x1, y1 = mark
@@ -206,7 +243,28 @@ def overlay(photo: Image.Image, square_map: np.ndarray, *, cmap: str = "inferno"
     return out
 
 
-def _display_rgb(photo: Image.Image, size: tuple[int, int]) -> Image.Image:
+def outline_boxes(picture: Image.Image, boxes, photo_size: tuple[int, int]) -> None:
+    """Outline each box (4 (x, y) points in pixels of the photo, e.g. a line of text OCR read) on `picture`, which
+    shows the photo at its own size, with its number (1, 2, ...) on a dark tag at its top-left corner; the lines
+    and the numbers grow with the picture, so they stay readable when it is shown at the width of a panel."""
+    sx, sy = picture.width / photo_size[0], picture.height / photo_size[1]
+    draw = ImageDraw.Draw(picture)
+    width = max(2, round(picture.width / 320))
+    font = _font(max(12, round(picture.width / 55)))
+    for n, box in enumerate(boxes, 1):
+        points = [(x * sx, y * sy) for x, y in box]
+        draw.polygon(points, outline=(0, 0, 0), width=width + 2)
+        draw.polygon(points, outline=(0, 255, 120), width=width)
+        x, y = min(p[0] for p in points), min(p[1] for p in points)
+        tag = draw.textbbox((x, y), str(n), font=font, anchor="lb")
+        tag = (tag[0] - 3, tag[1] - 2, tag[2] + 3, tag[3] + 1)
+        if tag[1] < 0:  # no room above the box: the tag goes inside it
+            tag = (tag[0], tag[1] - tag[1], tag[2], tag[3] - tag[1])
+        draw.rectangle(tag, fill=(0, 0, 0))
+        draw.text((tag[0] + 3, tag[3] - 1), str(n), fill=(0, 255, 120), font=font, anchor="lb")
+
+
+def display_rgb(photo: Image.Image, size: tuple[int, int]) -> Image.Image:
     """photo.convert("RGB").resize(size, BILINEAR), without a full-size RGB copy of a large photo
     (identical for RGB photos and small ones; a large non-RGB one is box-shrunk first, in bands)."""
     if photo.mode == "RGB":
@@ -297,10 +355,17 @@ def zoom(photo: Image.Image, layout: Layout, view: int, token: int, weights: np.
     return out
 
 
-def save_npz(path, attns, gains=None):
-    """Raw maps as .npz: image{k} = (views, N, P*P) float32 mining weights (and gain{k} = (views, N))."""
+def save_npz(path, attns, gains=None, answers=None, answer_tokens=None):
+    """Raw maps as .npz: image{k} = (views, N, P*P) float32 mining weights (and gain{k} = (views, N)); with an
+    answer's attribution, answer{k} = (answer tokens, views, n*P, n*P) float32, each answer token's map over image
+    k's HR pixels per view (`ImageAttribution.hr_map`, geometry of `hr_map.mined_pixels` per view), for the images
+    the answer saw (`answers`: {k: map}), and answer_tokens = the tokens' text (a unicode array)."""
     arrays = {f"image{k}": np.asarray(a, dtype=np.float32) for k, a in enumerate(attns)}
     for k, g in enumerate(gains or []):
         arrays[f"gain{k}"] = np.asarray(g, dtype=np.float32)
+    for k, m in (answers or {}).items():
+        arrays[f"answer{k}"] = np.asarray(m, dtype=np.float32)
+    if answer_tokens is not None:
+        arrays["answer_tokens"] = np.array(list(answer_tokens), dtype=str)
     np.savez_compressed(path, **arrays)
     return path

@@ -27,12 +27,25 @@ def mined_pixels(attn: np.ndarray, layout: Layout, which: str = CROPS) -> np.nda
         raise ValueError(f"expected ({layout.views}, {layout.tokens}, {p * p}) weights, got {a.shape}")
     # (V, n, n, P, P) -> per view an (n*P, n*P) picture: token rows, then candidate rows inside each
     per_view = a.reshape(layout.views, n, n, p, p).transpose(0, 1, 3, 2, 4).reshape(layout.views, n * p, n * p)
+    return tile_views(per_view, layout, which)
+
+
+def tile_views(per_view: np.ndarray, layout: Layout, which: str = CROPS) -> np.ndarray:
+    """(V, n*P, n*P) one HR-resolution map per view (model order) -> the map of `which` over the padded square:
+    the crops tiled row-major (g*n*P square; a plain model's one view as it is), or the global view (n*P).
+
+    Raises:
+        ValueError: the maps do not match the layout, or `which` is a view the layout does not have.
+    """
+    m = np.asarray(per_view)
+    side = layout.side * layout.patch
+    if m.shape != (layout.views, side, side):
+        raise ValueError(f"expected ({layout.views}, {side}, {side}) maps, got {m.shape}")
     if which == GLOBAL:
         if not layout.global_view:
             raise ValueError(f"this model has no {GLOBAL!r} view; choose from {layout.choices()}")
-        return per_view[0]
-    crops = per_view[1:] if layout.global_view else per_view
+        return m[0]
+    crops = m[1:] if layout.global_view else m
     g = layout.grid
     rows = [np.concatenate(list(crops[i * g:(i + 1) * g]), axis=1) for i in range(g)]
     return np.concatenate(rows, axis=0)
-

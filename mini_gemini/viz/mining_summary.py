@@ -1,8 +1,9 @@
 """Where patch info mining picked out high-resolution detail, in words: shares of mining focus per ninth of the
-photo (pure numpy; no model, no Gradio). The MCP tool prints it; the OpenAI endpoint returns it on request.
+photo (pure numpy; no model, no Gradio).
 
-The measure is question-agnostic: it describes how the image was encoded, whatever was asked. (Issue #17's
-attribution, which ties regions to the answer, is meant to replace it where an answer-grounded summary is wanted.)
+The measure is question-agnostic: it describes how the image was encoded, whatever was asked. The MCP tool and the
+OpenAI endpoint say where the answer looked instead (`answer_map.answer_summary`, from its attribution); they fall
+back to this where the answer cannot be attributed (`--llm-server`).
 """
 from __future__ import annotations
 
