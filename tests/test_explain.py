@@ -95,3 +95,20 @@ def test_token_texts_keep_spaces_and_whole_characters(tiny_checkpoint):
     pieces = token_texts(engine.detokenizer, ids)
     assert "".join(pieces) == engine.detokenizer.decode(ids) and len(pieces) == len(ids)
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_explain_without_the_ablation_runs_one_forward_and_reuses_a_kept_result(tiny_checkpoint):
+    model = load_pretrained(str(tiny_checkpoint("vicuna")), device="cpu")
+    s = Engine(model).session()
+    run(s, "Hello", [RED], options=GREEDY)
+    forwards = []
+    handle = model.llm.register_forward_pre_hook(lambda *a: forwards.append(1))
+    try:
+        plain = s.explain(ablation=False)
+        assert plain.prob_no_mining is None and len(forwards) == 1
+        full = s.explain()
+        assert full.prob_no_mining is not None and len(forwards) == 3
+        assert s.explain(ablation=False) is full and len(forwards) == 3  # the kept result serves
+        assert torch.equal(plain.images[0].hr_map, full.images[0].hr_map)
+    finally:
+        handle.remove()

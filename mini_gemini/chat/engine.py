@@ -199,12 +199,15 @@ class Engine:
         return enc
 
     def attribution(self, key, compute):
-        """The attribution cached under `key`, or `compute()`'s (kept: the RECENT_ATTRIBUTIONS last ones)."""
+        """The attribution cached under `key`, or `compute()`'s (kept: the RECENT_ATTRIBUTIONS last ones); with
+        `compute` None, the cached one or None."""
         with self._lock:
             hit = self._attributions.get(key)
             if hit is not None:
                 self._attributions.move_to_end(key)
                 return hit
+        if compute is None:
+            return None
         result = compute()
         with self._lock:
             self._attributions[key] = result

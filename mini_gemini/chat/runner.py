@@ -139,14 +139,14 @@ class ModelRunner:
                             enc.lr_features[0])
 
     def explain(self, prompt_ids: list[int], images: list, answer_ids: list[int], method: str = "attention",
-                layers: tuple[int, int] | None = None):
+                layers: tuple[int, int] | None = None, ablation: bool = True):
         """Answer attribution (`modeling.attribution.explain_answer`) in one extra pass over the conversation, under
-        the model's lock (never on a decoding step). `images`: the prompt's `ImageEntry`s in slot order; the mining
-        ablation uses projector(x) of their LR tokens when they kept them."""
+        the model's lock (never on a decoding step). `images`: the prompt's `ImageEntry`s in slot order; with
+        `ablation`, the mining ablation (a second forward) uses projector(x) of their LR tokens when they kept them."""
         from ..modeling.attribution import ImageEvidence, explain_answer
         with self.lock:
             self.end_packed()
-            evidence = [ImageEvidence(im.tokens, im.attn, None if im.lr_features is None else
+            evidence = [ImageEvidence(im.tokens, im.attn, None if im.lr_features is None or not ablation else
                                       self._project(im.lr_features, im.tokens.dtype)) for im in images]
             return explain_answer(self.model, prompt_ids, evidence, answer_ids, method=method, layers=layers)
 

@@ -276,7 +276,8 @@ class ChatSession:
         """
         return turn_images.prepare(self.engine, _as_list(sources), len(self.images))
 
-    def explain(self, turn: Turn | int = -1, *, method: str = "attention", layers: tuple[int, int] | None = None):
+    def explain(self, turn: Turn | int = -1, *, method: str = "attention", layers: tuple[int, int] | None = None,
+                ablation: bool = True):
         """Where an answer looked: its attribution over the visual tokens and the high-resolution pixels of every
         image the model saw for it, and each answer token's probability with and without the mined detail
         (`modeling.attribution.Attribution`). One extra pass over the conversation, under the model's lock; the
@@ -288,6 +289,8 @@ class ChatSession:
             method: "attention" (answer rows of the LLM's attention, mean over heads and `layers`) or "relevancy"
                 (gradient-weighted, Chefer et al.; a backward pass per answer token: small models only).
             layers: [start, stop) LLM layers; None: `modeling.attribution.default_layers`.
+            ablation: also each token's probability without the mined detail (a second forward); False skips it
+                (prob_no_mining is then None, unless a kept result has it).
         Returns:
             `Attribution`: per image of the prompt (in slot order, `images_seen(turn)`) the relevance (A, V, N) and
             HR maps (A, V, side*P, side*P), float32; prob and prob_no_mining (A,).
@@ -307,8 +310,12 @@ class ChatSession:
                 raise AttributionUnavailable("That answer is not there any more, or it has no tokens to explain.")
             key = (self.id, id(t), tuple(t.prompt_ids), tuple(t.token_ids), method, layers)
             images = self.images_seen(t)
-            return self.engine.attribution(key, lambda: self.engine.runner.explain(t.prompt_ids, images, t.token_ids,
-                                                                                     method, layers))
+            if not ablation:  # a kept result with the ablation serves as well
+                kept = self.engine.attribution(key + (True,), None)
+                if kept is not None:
+                    return kept
+            return self.engine.attribution(key + (ablation,), lambda: self.engine.runner.explain(
+                t.prompt_ids, images, t.token_ids, method, layers, ablation))
         finally:
             self._busy.release()
 

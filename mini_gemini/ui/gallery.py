@@ -80,7 +80,7 @@ def _answer_maps(session, lay: hm.Layout) -> dict:
     if not turns or not turns[-1].token_ids or session.engine.llm_server is not None:
         return {}
     try:
-        attribution = explain_turn(session.id, turns, "attention", None)
+        attribution = explain_turn(session.id, turns, "attention", None, ablation=False)  # the map only: one forward
     except (AttributionUnavailable, SessionBusyError) as e:
         log.info("no answer map for the gallery: %s", e)
         return {}

@@ -95,10 +95,10 @@ def _session_with(sid: str, turns: list):
 
 
 @gpu
-def explain_turn(sid: str, turns: list, method: str, layers: tuple[int, int] | None):
+def explain_turn(sid: str, turns: list, method: str, layers: tuple[int, int] | None, ablation: bool = True):
     """`ChatSession.explain` of the last answer of conversation `sid` (history `turns`), where the model runs.
     Returns the `modeling.attribution.Attribution` (CPU tensors); raises what `explain` raises."""
-    return _session_with(sid, turns).explain(method=method, layers=layers)
+    return _session_with(sid, turns).explain(method=method, layers=layers, ablation=ablation)
 
 
 @gpu
