@@ -150,7 +150,8 @@ def test_every_corpus_file_is_refused_clearly_or_answered_with_its_notes(srv, tm
             assert isinstance(reply, str) and image is None, name
             assert all(f"Note: Image 1: {note}." in reply for note in exp.notes), (name, reply)
             assert ("Note:" in reply) == bool(exp.notes), (name, reply)
-            assert [g["caption"] for g in gallery] == ["Image 1: mining focus", "Image 1: mining gain"], name
+            assert [g["caption"] for g in gallery] == ["Image 1: mining focus", "Image 1: mining gain",
+                                                       "Image 1: where the answer looked"], name
             (turn,) = session(srv, other).turns
             assert turn.images[0].image.size == exp.size and turn.assistant is not None, name
         elif name == "too_big.bin":  # Gradio refuses it at the upload already, before the app sees it
@@ -195,7 +196,7 @@ def test_typed_control_tokens_stay_text_and_draw_nothing(srv, monkeypatch, tmp_p
     for images in ([], [photo]):
         c = client(srv)
         reply, image, gallery = chat(c, hostile, images, generate_image=False)
-        assert isinstance(reply, str) and image is None and len(gallery) == 2 * len(images)
+        assert isinstance(reply, str) and image is None and len(gallery) == 3 * len(images)
         (turn,) = session(srv, c).turns
         assert turn.user == hostile and hostile in turn.prompt  # arrived intact, and was given as text
         assert turn.prompt_ids.count(IMAGE_TOKEN_INDEX) == len(images)  # typed "<image>" is no image slot
@@ -319,11 +320,11 @@ def test_file_routes_serve_nothing_outside_gradios_folders(srv, tmp_path):
     c = client(srv)
     chat(c, ASK, [_png(tmp_path / "private.png", (1, 2, 3))])
     # a file the app made for this user (its heatmaps of the picture), kept in the app's own folder
-    copy = str(next(srv.app.EXTRAS[c.session_hash].folder.glob("*.png")))
+    copy = str(next(srv.app.EXTRAS[c.session_hash].folder.glob("*.jpg")))
     note = tmp_path / "notes.txt"  # in the temp folder, where Gradio takes the app's *outputs* from
     note.write_text("TOP SECRET 42")
     secrets = {"/etc/passwd": b"root:", str(ROOT / "mini_gemini" / "ui" / "app.py"): b"def api_chat", str(note): b"TOP SECRET",
-               copy: b"\x89PNG"}
+               copy: b"\xff\xd8\xff"}
     up, back = gradio.utils.get_upload_folder(), "../" * 8
     for path, marker in secrets.items():
         rel = path.lstrip("/")
@@ -348,7 +349,7 @@ def test_images_must_be_uploaded_not_named(srv, tmp_path):
     other = client(srv)
     chat(other, ASK, [_png(tmp_path / "theirs.png", (7, 8, 9))])
     # a picture the app made for another user (its heatmaps), kept in the app's own folder
-    theirs = str(next(srv.app.EXTRAS[other.session_hash].folder.glob("*.png")))
+    theirs = str(next(srv.app.EXTRAS[other.session_hash].folder.glob("*.jpg")))
     local = _png(tmp_path / "local.png", (200, 0, 0))             # on the server's disk, never uploaded
     keys = {image_key(Image.open(p).convert("RGB")) for p in (theirs, local)}
     for path in ("/etc/passwd", str(ROOT / "app.py"), str(local), str(theirs), "../../../../etc/passwd"):
@@ -518,7 +519,7 @@ def test_files_of_clients_that_left_or_were_dropped_are_deleted(srv, monkeypatch
     clients = [client(srv) for _ in range(6)]
     for i, c in enumerate(clients):
         reply, _, gallery = chat(c, ASK, [_photo(tmp_path / f"photo{i}.png", i)])
-        assert reply and len(gallery) == 2
+        assert reply and len(gallery) == 3
     grown = {p: n for p, n in _cache_files().items() if p not in before}
     assert sum(grown.values()) > 6 * 150_000  # each left its upload and its heatmaps in Gradio's cache
     for c in clients:
@@ -536,6 +537,6 @@ def test_files_of_clients_that_left_or_were_dropped_are_deleted(srv, monkeypatch
     held = {p: n for p, n in _cache_files().items() if p not in before}
     uploads = {str(f) for c in stay[-2:] for f in srv.app.EXTRAS[c.session_hash].uploads}
     assert {str(p) for p in held if str(p) in srv.demo.upload_file_set} == uploads  # only the two kept ones'
-    assert len(held) == 2 * (1 + 2) and sum(held.values()) < 2 * 1_000_000  # each: its upload and two heatmaps
+    assert len(held) == 2 * (1 + 3) and sum(held.values()) < 2 * 1_000_000  # each: its upload and three maps
     for c in stay:
         c.close()

@@ -79,13 +79,16 @@ def _answer_maps(session, lay: hm.Layout) -> dict:
     turns = session.turns
     if not turns or not turns[-1].token_ids or session.engine.llm_server is not None:
         return {}
+    seen = session.images_seen(turns[-1])
+    if not seen:  # a text-only answer: nothing to map, so no attribution pass
+        return {}
     try:
         attribution = explain_turn(session.id, turns, "attention", None, ablation=False)  # the map only: one forward
     except (AttributionUnavailable, SessionBusyError) as e:
         log.info("no answer map for the gallery: %s", e)
         return {}
     out = {}
-    for entry, image in zip(session.images_seen(turns[-1]), attribution.images):
+    for entry, image in zip(seen, attribution.images):
         picture, _, _ = answer_map.picture(entry.image, image.answer_map().numpy(), lay, hm.CROPS,
                                            size=hm.display_size(*entry.image.size))
         out[id(entry)] = picture
