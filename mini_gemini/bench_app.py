@@ -146,7 +146,7 @@ def bench_app(checkpoint: str | None = None, users: int = 8, new_tokens: int = 9
             out: list = [None] * len(prompts)
             start = threading.Barrier(len(prompts) + 1)
 
-            def user(i):
+            def user(i, start=start, out=out, clients=clients):
                 start.wait()
                 out[i] = clients[i].ask(prompts[i], image)
             threads = [threading.Thread(target=user, args=(i,)) for i in range(len(prompts))]

@@ -49,7 +49,7 @@ SHAPES = ("2b-6", "2b", "small")
 def attribution_model(shape: str = "2b-6"):
     """MGM-2B's LLM and projector (fp32, random) with small vision towers that still give 576 tokens per image;
     `shape` as in the module docstring."""
-    from .bench import mgm_2b_config
+    from .bench_models import mgm_2b_config
     from .modeling.config import MGMConfig
     from .modeling.model import MiniGemini
     cfg = mgm_2b_config()
@@ -180,7 +180,7 @@ def main(argv=None):
     ap.add_argument("--relevancy", action="store_true", help="also time method='relevancy' (slow at 2b)")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     args = ap.parse_args(argv)
-    from .bench import report
+    from .bench_models import report
     report(bench_attribution(args.shape, args.answer_tokens, args.relevancy), GOALS, args.json)
 
 

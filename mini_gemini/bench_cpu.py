@@ -126,7 +126,7 @@ def _run(ckpt: Path, quantization: str | None, new_tokens: int) -> dict:
 
 def bench_cpu_real_size(workdir: Path, new_tokens: int = DECODE_TOKENS, quantization: str = "int8") -> dict:
     """The figures described in this module's docstring, for `quantization` and for float32 (suffix _fp32)."""
-    from .bench import mgm_2b_config, write_random_checkpoint
+    from .bench_models import mgm_2b_config, write_random_checkpoint
     ckpt = workdir / "mgm-2b-random-bf16"
     if not (ckpt / "config.json").exists():
         print("writing a random MGM-2B-shaped checkpoint (bf16, ~6 GB)…", file=sys.stderr)

@@ -57,7 +57,7 @@ def bench_openai(repeat: int = 3) -> dict:
     import torch
     from PIL import Image
 
-    from .bench import speed_model
+    from .bench_models import speed_model
     from .chat.engine import Engine
     from .serve.openai_api import BackgroundServer, OpenAIServer
     torch.manual_seed(0)

@@ -426,7 +426,7 @@ def check_parity(device: str, quick: bool, work: Path, fig: dict, log):
 def real_config(shape: str, quick: bool) -> tuple[dict, str]:
     """(config.json dict, stand-in tokenizer family) of MGM-2B or MGM-7B-HD; --quick: the same family and
     layout with tiny shapes (`testing.tiny.tiny_config`)."""
-    from mini_gemini.bench import mgm_2b_config, mgm_7b_hd_config
+    from mini_gemini.bench_models import mgm_2b_config, mgm_7b_hd_config
     family = {"2b": "gemma", "7b_hd": "vicuna"}[shape]
     if not quick:
         return (mgm_2b_config() if shape == "2b" else mgm_7b_hd_config()), family
@@ -489,7 +489,7 @@ def bytes_per_token(model, context: int) -> int:
 def check_size(shape: str, device: str, quick: bool, work: Path, fig: dict, log, keep: dict):
     import torch
 
-    from mini_gemini.bench import write_random_checkpoint
+    from mini_gemini.bench_models import write_random_checkpoint
     from mini_gemini.bench_serving import serving_figures
     from mini_gemini.chat import Engine
     from mini_gemini.modeling.loading import load_pretrained
