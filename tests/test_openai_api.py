@@ -444,6 +444,25 @@ def test_image_generation_off_is_a_400(tiny):
         assert err.value.body["param"] == "mgm_generate_image" and "--sdxl" in err.value.body["message"]
 
 
+def test_image_generation_known_unavailable_is_a_400_with_its_reason(tiny, tmp_path):
+    """An SDXL the server found it cannot have (here: its folder is missing) is refused before any answer is
+    written, as when it is off, with the reason and no answer without the picture asked for."""
+    from mini_gemini.imagegen import ImageGenerator
+    sdxl = ImageGenerator(str(tmp_path / "no-sdxl"), device="cpu")
+    assert sdxl.check_source()  # what the app does at start
+    engine = Engine(tiny.model, sdxl)
+    forwards = []
+    with BackgroundServer(OpenAIServer(engine, model_name="plain")) as bg, \
+            on_llm_forward(tiny.model, lambda kwargs, output: forwards.append(1)):
+        client = openai.OpenAI(base_url=bg.url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="m", messages=OK, extra_body={"mgm_generate_image": True})
+        body = err.value.body
+        assert body["code"] == "image_generation_unavailable" and "does not exist" in body["message"], body
+        assert not forwards  # nothing was answered
+        assert client.chat.completions.create(model="m", messages=OK, **GREEDY).choices[0].message.content
+
+
 # ---- a full queue and clients that leave ---------------------------------------------------------------------
 @pytest.fixture
 def busy(tiny):

@@ -14,7 +14,7 @@ from PIL import Image
 from mini_gemini.chat.engine import Engine, GenOptions
 from mini_gemini.modeling.loading import load_pretrained
 from mini_gemini.modeling.task_scope import flat_colour_share
-from mini_gemini.resources import demo_model_path, examples_dir
+from mini_gemini.resources import examples_dir
 
 GREEDY = GenOptions(temperature=0.0, max_new_tokens=8)
 PHOTO = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")  # a real photo, from a package
@@ -22,7 +22,7 @@ PHOTO = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jp
 
 @pytest.fixture(scope="module")
 def demo():
-    return load_pretrained(str(demo_model_path()), device="cpu")
+    return load_pretrained("demo", device="cpu")  # by name, as in Python scripts (the CLI's --model demo)
 
 
 def task_notes(turn):

@@ -15,6 +15,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
 from ..errors import ModelLoadError
+from ..resources import resolve_model_name
 from .config import MGMConfig
 from .model import MiniGemini
 from .image_processing import ImageProcessor
@@ -209,8 +210,9 @@ def load_pretrained(name_or_path: str, *, device: str | None = None, dtype: torc
     """Load an MGM checkpoint (hub id or folder) with its processor (tokenizer, image processor, template).
 
     Args:
-        name_or_path: a hub id ("YanweiLi/MGM-2B", fetched into or read from the Hugging Face cache) or a
-            folder in the official layout (config.json, safetensors or .bin shards with an index, tokenizer).
+        name_or_path: a hub id ("YanweiLi/MGM-2B", fetched into or read from the Hugging Face cache), a
+            folder in the official layout (config.json, safetensors or .bin shards with an index, tokenizer), or
+            "demo" (the bundled demo model, as `--model demo`).
         device: "cuda", "cuda:1", "cpu" (default: cuda when available).
         dtype: torch dtype or its name (default: bfloat16 on CUDA, float32 on CPU).
         device_map: None (everything on `device`), "auto" (accelerate spreads it over GPUs and CPU), or a dict.
@@ -235,7 +237,7 @@ def load_pretrained(name_or_path: str, *, device: str | None = None, dtype: torc
     mining and projector work as usual, the model cannot generate by itself.
     """
     from .chat_template import select_template
-    folder = resolve(str(name_or_path), revision)
+    folder = resolve(resolve_model_name(str(name_or_path)), revision)
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise ModelLoadError(f"{folder} has no config.json; it is not a Mini-Gemini checkpoint.")

@@ -398,6 +398,10 @@ class OpenAIServer:
                 raise APIError(400, "Image generation is off on this server: start it with --sdxl MODEL (e.g. "
                                     "stabilityai/stable-diffusion-xl-base-1.0) to use mgm_generate_image.",
                                param="mgm_generate_image", code="image_generation_off")
+            why = engine.imagegen.unavailable if req.generate_image else None
+            if why:  # known already (not cached and offline, a failed load): say so rather than answer without it
+                raise APIError(400, f"Image generation is unavailable on this server now: {why}",
+                               param="mgm_generate_image", code="image_generation_unavailable")
             self._admit(engine)
         except APIError as e:
             return self._error(e)
