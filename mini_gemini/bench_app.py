@@ -1,5 +1,6 @@
 """End-to-end serving figures of `python -m mini_gemini.bench`: many users at once through the app's `/chat`, as
-users meet it (upload, decoding, Gradio's queue, image encoding, prefill, streaming), relative to one user alone.
+users meet it (upload, decoding, Gradio's queue, image encoding, prefill, streaming), relative to one user alone;
+and the same through the app's OpenAI-compatible endpoint (`/v1/chat/completions`, the picture as a data URL).
 
 The app runs in its own process (`python app.py --model CKPT --sdxl none --max-new-tokens N`); each user is a plain
 HTTP client of Gradio's API in a thread of this process: it uploads its picture, calls `/chat`
@@ -11,6 +12,7 @@ with the monotonic times of its stages, on the same clock as the clients here).
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -77,6 +79,42 @@ class AppUser:
                 "uploaded": uploaded if image is not None else t0, "session": session}
 
 
+class OpenAIUser:
+    """One client of the app's OpenAI-compatible endpoint (`/v1/chat/completions`, streamed): the picture goes in
+    the request as a PNG data URL, as OpenAI clients send it (every request is a fresh conversation)."""
+
+    def __init__(self, url: str):
+        import httpx
+        self.client = httpx.Client(base_url=url, timeout=600, trust_env=False)
+
+    def ask(self, message: str, image: bytes | None, temperature: float = 0.0) -> dict:
+        """Send one request; returns {"first": s to the first content delta, "total": s to the end, "reply": text,
+        "t0": monotonic start}."""
+        import base64
+        content: list = [{"type": "text", "text": message}]
+        if image is not None:
+            content.append({"type": "image_url", "image_url": {
+                "url": "data:image/png;base64," + base64.b64encode(image).decode()}})
+        body = {"model": "mgm", "messages": [{"role": "user", "content": content}], "stream": True,
+                "temperature": temperature}
+        t0 = time.monotonic()
+        first, parts = None, []
+        with self.client.stream("POST", "/v1/chat/completions", json=body) as resp:
+            if resp.status_code != 200:
+                raise RuntimeError(f"/v1/chat/completions failed: {resp.status_code} {resp.read()[:300]!r}")
+            for line in resp.iter_lines():
+                if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                    continue
+                chunk = json.loads(line.split(":", 1)[1])
+                delta = (chunk.get("choices") or [{}])[0].get("delta", {}).get("content")
+                if delta:
+                    parts.append(delta)
+                    if first is None:
+                        first = time.monotonic() - t0
+        total = time.monotonic() - t0
+        return {"first": first if first is not None else total, "total": total, "reply": "".join(parts), "t0": t0}
+
+
 def _start_app(checkpoint: str, new_tokens: int, log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
     import socket
     import urllib.request
@@ -119,11 +157,11 @@ def _timings(log_path: Path) -> dict[str, dict]:
 
 def bench_app(checkpoint: str | None = None, users: int = 8, new_tokens: int = 96, repeat: int = 3,
               extra_args: tuple = ()) -> dict:
-    """`app_*` figures: first-token time of `users` clients sending a turn with a 640x420 PNG at once, p50/p95 over
-    one user's alone (the same prompts, one at a time); all answers ÷ the same turns one after another; whether every
-    answer equals the solo one; and a breakdown of a concurrent user's first-token time (medians, seconds)."""
-    import numpy as np
-
+    """`app_*` figures: first-token time of `users` clients sending a turn with a 640x420 PNG at once through `/chat`,
+    p50/p95 over one user's alone (the same prompts, one at a time); all answers ÷ the same turns one after another;
+    whether every answer equals the solo one; and a breakdown of a concurrent user's first-token time (medians,
+    seconds). `openai_*`: the same figures through the app's `/v1/chat/completions` (the picture as a data URL), in
+    the same run of the same app."""
     from .modeling.loading import save_pretrained
     from .testing.tiny import build_tiny
     work = Path(tempfile.mkdtemp(prefix="mgm-bench-app-"))
@@ -136,38 +174,14 @@ def bench_app(checkpoint: str | None = None, users: int = 8, new_tokens: int = 9
     try:
         prompts = [f"{p} Describe the picture." for p in SERVING_PROMPTS][:users]
         AppUser(url).ask(prompts[0], image)  # warm-up (the model loads on the first turn)
-        runs: dict[str, list] = {}
-        crowd_results = []
-        for _ in range(repeat):
-            solo = []
-            for p in prompts:
-                solo.append(AppUser(url).ask(p, image))
-            clients = [AppUser(url) for _ in prompts]
-            out: list = [None] * len(prompts)
-            start = threading.Barrier(len(prompts) + 1)
-
-            def user(i, start=start, out=out, clients=clients):
-                start.wait()
-                out[i] = clients[i].ask(prompts[i], image)
-            threads = [threading.Thread(target=user, args=(i,)) for i in range(len(prompts))]
-            for t in threads:
-                t.start()
-            start.wait()
-            t0 = time.monotonic()
-            for t in threads:
-                t.join()
-            total = time.monotonic() - t0
-            base = float(np.median([s["first"] for s in solo]))
-            firsts = [o["first"] for o in out]
-            runs.setdefault("app_ttft_1_user_s", []).append(base)
-            runs.setdefault(f"app_ttft_p50_x{users}", []).append(float(np.percentile(firsts, 50)) / base)
-            runs.setdefault(f"app_ttft_p95_x{users}", []).append(float(np.percentile(firsts, 95)) / base)
-            runs.setdefault(f"app_all_answers_x{users}", []).append(total / sum(s["total"] for s in solo))
-            runs.setdefault("app_answers_equal", []).append(all(o["reply"] == s["reply"] for o, s in zip(out, solo)))
-            crowd_results += out
-        figures = {k: (round(float(np.median(v)), 3) if k != "app_answers_equal" else all(v))
-                   for k, v in runs.items()}
-        figures.update(_breakdown(crowd_results, _timings(log_path)))
+        OpenAIUser(url).ask(prompts[0], image)
+        figures, crowd = {}, []
+        for prefix, user in (("app", AppUser), ("openai", OpenAIUser)):
+            out, results = _crowd(functools.partial(user, url), prompts, image, users, repeat, prefix)
+            figures.update(out)
+            if prefix == "app":
+                crowd = results
+        figures.update(_breakdown(crowd, _timings(log_path)))
         return figures
     finally:
         proc.terminate()
@@ -175,6 +189,42 @@ def bench_app(checkpoint: str | None = None, users: int = 8, new_tokens: int = 9
             proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _crowd(make_user, prompts: list[str], image: bytes, users: int, repeat: int, prefix: str) -> tuple[dict, list]:
+    """`repeat` rounds of: the prompts one at a time (solo), then all at once (one thread per user, released
+    together); medians over the rounds of the first-token ratios, all answers ÷ serial, and whether every answer
+    equals its solo one. Returns (figures, the concurrent users' results)."""
+    import numpy as np
+    runs: dict[str, list] = {}
+    crowd_results = []
+    for _ in range(repeat):
+        solo = [make_user().ask(p, image) for p in prompts]
+        clients = [make_user() for _ in prompts]
+        out: list = [None] * len(prompts)
+        start = threading.Barrier(len(prompts) + 1)
+
+        def user(i, start=start, out=out, clients=clients):
+            start.wait()
+            out[i] = clients[i].ask(prompts[i], image)
+        threads = [threading.Thread(target=user, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        start.wait()
+        t0 = time.monotonic()
+        for t in threads:
+            t.join()
+        total = time.monotonic() - t0
+        base = float(np.median([s["first"] for s in solo]))
+        firsts = [o["first"] for o in out]
+        runs.setdefault(f"{prefix}_ttft_1_user_s", []).append(base)
+        runs.setdefault(f"{prefix}_ttft_p50_x{users}", []).append(float(np.percentile(firsts, 50)) / base)
+        runs.setdefault(f"{prefix}_ttft_p95_x{users}", []).append(float(np.percentile(firsts, 95)) / base)
+        runs.setdefault(f"{prefix}_all_answers_x{users}", []).append(total / sum(s["total"] for s in solo))
+        runs.setdefault(f"{prefix}_answers_equal", []).append(all(o["reply"] == s["reply"] for o, s in zip(out, solo)))
+        crowd_results += out
+    figures = {k: (all(v) if k.endswith("_answers_equal") else round(float(np.median(v)), 3)) for k, v in runs.items()}
+    return figures, crowd_results
 
 
 def _breakdown(results: list[dict], timings: dict[str, dict]) -> dict:

@@ -89,3 +89,25 @@ def test_window_geometry(r, c):
     hits = (w != 0).any(-1).nonzero().tolist()
     assert hits == [[0, (r // P) * SIDE + c // P, (r % P) * P + c % P]]
     assert w[0, (r // P) * SIDE + c // P, (r % P) * P + c % P].tolist() == list(range(1, CA + 1))
+
+
+def test_mining_in_chunks_of_rows_equals_the_loop():
+    """A grid wider than one chunk (12 x 12 = 144 tokens; chunks of 5, 5 and 2 rows): every token is mined from its
+    own window, in order, as if all were mined at once."""
+    from mini_gemini.modeling.mining import CHUNK_TOKENS
+    side = 12
+    assert side * side > CHUNK_TOKENS and side % (CHUNK_TOKENS // side) != 0  # several chunks, the last one short
+    torch.manual_seed(1)
+    m = PatchInfoMining(C, CA).eval()
+    x, hr = torch.randn(2, side * side, C), torch.randn(2, CA, side * P, side * P)
+    with torch.no_grad():
+        out, attn = m(x, hr)
+        want_out, want_attn = loop_mining(m, x, hr)
+    torch.testing.assert_close(attn, want_attn, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+
+
+def test_windows_of_some_rows_are_those_rows_of_the_whole_map():
+    hr = torch.randn(1, CA, SIDE * P, SIDE * P)
+    whole = windows(hr, SIDE)
+    assert torch.equal(windows(hr[:, :, P:3 * P], SIDE), whole[:, SIDE:3 * SIDE])

@@ -12,16 +12,22 @@ import math
 import torch
 from torch import nn
 
+CHUNK_TOKENS = 64  # LR tokens mined at once (whole rows of the LR grid): bounds the window temporaries
+# (tokens x P*P x C_aux, copied, then normalised): at MGM's 768 px that is 576 x 64 x 2880 floats = 425 MB each
+# for all tokens at once, 71 MB per 48 tokens. Every token's result is computed exactly as before.
+
 
 def windows(hr: torch.Tensor, side: int) -> torch.Tensor:
-    """(B, C_aux, H, W) HR map -> (B, side*side, P*P, C_aux): the P x P window under each LR token.
+    """(B, C_aux, rows*P, side*P) HR map -> (B, rows*side, P*P, C_aux): the P x P window under each LR token
+    of `rows` rows of a `side`-wide LR grid (rows = side for the whole map).
 
     Tokens are row-major over the LR grid, candidates row-major inside their window.
     """
     b, c, h, w = hr.shape
-    p = h // side
-    x = hr.permute(0, 2, 3, 1).reshape(b, side, p, side, p, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, side * side, p * p, c)
+    p = w // side
+    rows = h // p
+    x = hr.permute(0, 2, 3, 1).reshape(b, rows, p, side, p, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, rows * side, p * p, c)
 
 
 class PatchInfoMining(nn.Module):
@@ -45,15 +51,21 @@ class PatchInfoMining(nn.Module):
     def forward(self, x: torch.Tensor, hr: torch.Tensor):
         """x: (B, N, C) LR tokens; hr: (B, C_aux, H, W) with H = W = P * sqrt(N).
 
-        Returns the mined tokens (B, N, C) and the attention weights (B, N, P*P).
+        Returns the mined tokens (B, N, C) and the attention weights (B, N, P*P). The tokens are mined
+        CHUNK_TOKENS at a time (whole LR rows), which bounds the memory of the windows, not the result.
         """
         side = math.isqrt(x.shape[1])
-        cand = windows(hr.to(x.dtype), side)
+        p = hr.shape[-1] // side
+        step = max(1, CHUNK_TOKENS // side)                 # LR rows per chunk
         q = self.query(x).unsqueeze(2)                      # (B, N, 1, C)
-        k = self.key(cand)                                  # (B, N, P*P, C)
-        v = self.value(cand)
-        # Scale the keys before the product, as the reference does, so fp16/bf16 results match it.
-        logits = (q @ (k.transpose(-1, -2) / math.sqrt(k.shape[-1]))).nan_to_num()
-        attn = logits.softmax(-1)                           # (B, N, 1, P*P)
-        mined = (attn @ v).squeeze(2)
-        return x + mined, attn.squeeze(2)
+        mined, attn = [], []
+        for r in range(0, side, step):
+            cand = windows(hr[:, :, r * p:(r + step) * p].to(x.dtype), side)  # (B, n, P*P, C_aux)
+            k = self.key(cand)                              # (B, n, P*P, C)
+            v = self.value(cand)
+            # Scale the keys before the product, as the reference does, so fp16/bf16 results match it.
+            logits = (q[:, r * side:(r + step) * side] @ (k.transpose(-1, -2) / math.sqrt(k.shape[-1]))).nan_to_num()
+            a = logits.softmax(-1)                          # (B, n, 1, P*P)
+            mined.append((a @ v).squeeze(2))
+            attn.append(a.squeeze(2))
+        return x + torch.cat(mined, 1), torch.cat(attn, 1)
