@@ -165,8 +165,6 @@ def bench_upload_memory(sizes=UPLOAD_SIZES, models=None) -> dict:
 
 
 # ---- speed ----------------------------------------------------------------------------------------
-
-
 def bench_speed(new_tokens: int = 48) -> dict:
     import numpy as np
     from PIL import Image
