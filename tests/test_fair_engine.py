@@ -150,15 +150,11 @@ def test_queue_beyond_max_active_says_where_it_stands(models):
         assert "Waiting" not in turn.assistant and "".join(e.text for e in kinds(events, "delta")) == turn.assistant
 
 
-def _spans(position_ids):
-    """(first, last) position of each request packed in a step, in order (positions restart per request)."""
-    pos = position_ids[0].tolist()
-    spans, begin = [], 0
-    for i in range(1, len(pos) + 1):
-        if i == len(pos) or pos[i] != pos[i - 1] + 1:
-            spans.append((pos[begin], pos[i - 1]))
-            begin = i
-    return spans
+def _last_positions(kwargs) -> list[int]:
+    """The last position of each request packed in a step, in the order of the step's logits rows: the packed
+    forward keeps one row per request (`logits_to_keep` = the index of its last input). Position runs alone
+    would not tell two requests apart where one's positions happen to continue the other's."""
+    return kwargs["position_ids"][0, kwargs["logits_to_keep"]].tolist()
 
 
 def test_a_fault_in_one_request_ends_only_that_one(models):
@@ -175,10 +171,10 @@ def test_a_fault_in_one_request_ends_only_that_one(models):
     assert short < lengths[0] < lengths[1] - 30
 
     def hook(kwargs, output):
-        spans = _spans(kwargs["position_ids"])
-        if any(lengths[0] - 1 <= last < lengths[1] - 1 for _, last in spans):
+        lasts = _last_positions(kwargs)
+        if any(lengths[0] - 1 <= last < lengths[1] - 1 for last in lasts):
             raise RuntimeError("device lost")
-        for row, (_, last) in enumerate(spans):
+        for row, last in enumerate(lasts):
             if last >= lengths[1] + 1:  # its third token on: probabilities that are not numbers
                 output.logits[0, row] = float("nan")
 
