@@ -29,37 +29,24 @@ for arg in "$@"; do
   esac
 done
 LMMS_EVAL_VERSION="${LMMS_EVAL_VERSION:-0.7.3}"
-if [ -z "${PYTHON:-}" ]; then
-  if command -v python3.11 >/dev/null 2>&1; then PYTHON=python3.11; else PYTHON=python3; fi
-fi
 log() { echo "[setup_lmms_eval] $*" >&2; }
-
-PIP_EXTRA=()
+source "$(dirname "$0")/side_venv.sh"
+PYTHON="$(side_venv_python)"
+side_venv_pip_sources
 if [ -d /opt/wheels ]; then
-  PIP_EXTRA+=(--find-links /opt/wheels)
   TORCH_SPEC="${TORCH_SPEC:-$(ls /opt/wheels 2>/dev/null | grep -q '^torch-2.13.0+cpu' && echo 'torch==2.13.0+cpu' || echo torch)}"
 fi
 TORCH_SPEC="${TORCH_SPEC:-torch}"
-[ -n "${TORCH_INDEX:-}" ] && PIP_EXTRA+=(--extra-index-url "$TORCH_INDEX")
 
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" - "$LMMS_EVAL_VERSION" >/dev/null 2>&1 <<'EOF'
+side_venv_reuse "$VENV" "lmms-eval $LMMS_EVAL_VERSION" "$LMMS_EVAL_VERSION" <<'EOF'
 import sys
 from importlib.metadata import version
 assert version("lmms_eval") == sys.argv[1]
 import lmms_eval.evaluator  # noqa: F401  (torch, datasets, accelerate, filelock's internals)
 import openai  # noqa: F401
 EOF
-then
-  log "reusing $VENV (lmms-eval $LMMS_EVAL_VERSION imports)"
-  echo "$VENV/bin/python"
-  exit 0
-fi
 
-start=$(date +%s)
-log "creating $VENV with $($PYTHON --version 2>&1)"
-"$PYTHON" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
-"${PIP[@]}" install -q --upgrade pip >&2
+side_venv_create "$VENV"
 
 if [ "$FULL" = 1 ]; then
   log "installing lmms-eval==$LMMS_EVAL_VERSION with all its dependencies"

