@@ -27,7 +27,8 @@
   (tiny Llama, greedy, 96 new tokens; `--app-only` runs just these): app_ttft_p95_x8 = 95th-percentile first-token
   time ÷ one user's alone (goal <= 3), app_all_answers_x8 = all 8 answers ÷ the same turns one after another (goal
   <= 0.5), app_answers_equal (goal True), app_breakdown_*_s = where a concurrent user's first-token time went.
-  openai_*: the same through the app's `/v1/chat/completions` (same goals). mini_gemini/bench_app.py.
+  openai_*: the same through the app's `/v1/chat/completions` (same goals). app_floor_*: the first-token figures of
+  a bare Gradio app with the same `/chat` and no model, same clients, same run (Gradio's own cost). mini_gemini/bench_app.py.
 The speed model is built on the fly, large enough for CPU timings to mean something.
 """
 from __future__ import annotations

@@ -9,6 +9,10 @@ The clients block on their sockets (no polling), so they take no CPU from the se
 
 Where a user's first-token time goes comes from the app's timing log (`MGM_LOG_TIMINGS=1`: one JSON line per turn
 with the monotonic times of its stages, on the same clock as the clients here).
+
+`app_floor_*`: the same first-token figures for a bare Gradio app with the same `/chat` signature and no model
+(`FLOOR_APP`: it reads the uploaded picture and answers one word), measured in the same run with the same clients:
+what Gradio's own handling of 8 requests at once costs on this machine, which no engine can take away.
 """
 from __future__ import annotations
 
@@ -115,7 +119,28 @@ class OpenAIUser:
         return {"first": first if first is not None else total, "total": total, "reply": "".join(parts), "t0": t0}
 
 
-def _start_app(checkpoint: str, new_tokens: int, log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+# The floor: a Gradio app with the app's `/chat` signature (message, files, generate_image, temperature; files as
+# sent, not preprocessed, and a queue of 8 at once, as the app's) whose handler only reads the picture and answers.
+FLOOR_APP = r"""
+import sys
+import gradio as gr
+from PIL import Image
+
+def chat(message, images, generate_image, temperature):
+    for f in images or []:
+        Image.open(f["path"] if isinstance(f, dict) else f).convert("RGB")
+    yield "Hello.", None, []
+
+with gr.Blocks() as demo:
+    inputs = [gr.Textbox(), gr.File(file_count="multiple"), gr.Checkbox(), gr.Number()]
+    outputs = [gr.Textbox(), gr.Image(), gr.Gallery()]
+    gr.Button().click(chat, inputs, outputs, api_name="chat", concurrency_limit=8, preprocess=False)
+demo.queue(default_concurrency_limit=8).launch(server_name="127.0.0.1", server_port=int(sys.argv[1]), quiet=True)
+"""
+
+
+def _start_app(checkpoint: str | None, new_tokens: int, log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """Start the app on `checkpoint` (None: the bare `FLOOR_APP`) on a free port; returns (process, url)."""
     import socket
     import urllib.request
     with socket.socket() as s:
@@ -125,10 +150,13 @@ def _start_app(checkpoint: str, new_tokens: int, log_path: Path, extra: list[str
                PYTHONUNBUFFERED="1")
     root = Path(__file__).resolve().parent.parent
     entry = [str(root / "app.py")] if (root / "app.py").exists() else ["-m", "mini_gemini.ui.app"]
+    if checkpoint is None:
+        command = [sys.executable, "-c", FLOOR_APP, str(port)]
+    else:
+        command = [sys.executable, *entry, "--model", checkpoint, "--sdxl", "none", "--device", "cpu",
+                   "--max-new-tokens", str(new_tokens), "--host", "127.0.0.1", "--port", str(port), *extra]
     log = open(log_path, "w")  # noqa: SIM115 - the child keeps writing to it
-    proc = subprocess.Popen([sys.executable, *entry, "--model", checkpoint, "--sdxl", "none", "--device", "cpu",
-                             "--max-new-tokens", str(new_tokens), "--host", "127.0.0.1", "--port", str(port), *extra],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -161,7 +189,7 @@ def bench_app(checkpoint: str | None = None, users: int = 8, new_tokens: int = 9
     p50/p95 over one user's alone (the same prompts, one at a time); all answers ÷ the same turns one after another;
     whether every answer equals the solo one; and a breakdown of a concurrent user's first-token time (medians,
     seconds). `openai_*`: the same figures through the app's `/v1/chat/completions` (the picture as a data URL), in
-    the same run of the same app."""
+    the same run of the same app. `app_floor_*`: the first-token figures of the bare `FLOOR_APP`, same clients."""
     from .modeling.loading import save_pretrained
     from .testing.tiny import build_tiny
     work = Path(tempfile.mkdtemp(prefix="mgm-bench-app-"))
@@ -182,13 +210,24 @@ def bench_app(checkpoint: str | None = None, users: int = 8, new_tokens: int = 9
             if prefix == "app":
                 crowd = results
         figures.update(_breakdown(crowd, _timings(log_path)))
+    finally:
+        _stop(proc)
+    proc, url = _start_app(None, new_tokens, work / "floor.log", [])
+    try:
+        AppUser(url).ask(prompts[0], image)
+        floor, _ = _crowd(functools.partial(AppUser, url), prompts, image, users, repeat, "app_floor")
+        figures.update({k: v for k, v in floor.items() if "_ttft_" in k})  # its answers are one word: no answer figures
         return figures
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def _crowd(make_user, prompts: list[str], image: bytes, users: int, repeat: int, prefix: str) -> tuple[dict, list]:

@@ -11,7 +11,6 @@ MGM_LOAD_IN_4BIT, MGM_LOAD_IN_8BIT, MGM_LLM_SERVER, MGM_API_KEY, MGM_MAX_NEW_TOK
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import sys
@@ -73,6 +72,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     from ..chat.engine import Engine
+    from ..chat.serving import settle
     from ..modeling.loading import ModelLoadError, load_pretrained
     log.info("loading %s …", args.model)
     try:
@@ -87,8 +87,7 @@ def main(argv=None) -> int:
         from ..imagegen import ImageGenerator
         imagegen = ImageGenerator(args.sdxl, device=args.device)  # loads on first use
     engine = Engine(model, imagegen, llm_server=args.llm_server, max_active=args.max_active)
-    gc.collect()
-    gc.freeze()  # what was loaded lives as long as the server: full collections then scan only what requests make
+    settle(engine)  # CPU threads for the model's size; what was loaded out of the collector's sight
     name = args.served_model_name or args.model
     server = OpenAIServer(engine, model_name=name, api_key=args.api_key, max_tokens=args.max_new_tokens,
                           max_queue=args.max_queue, max_body_bytes=args.max_body_mb << 20)

@@ -5,7 +5,6 @@ engine session (keyed by Gradio's session hash) and its own `Extras` (display co
 from __future__ import annotations
 
 import atexit
-import gc
 import hashlib
 import logging
 import os
@@ -98,10 +97,8 @@ class Loader:
                 self.banner = (f"**This is the bundled demo model** ({code(a.model)}). {DEMO_MODEL} To chat about "
                                "your own photos, start with `python app.py --model YanweiLi/MGM-2B` (downloaded "
                                "on first use) or `--model /path/to/checkpoint`.")
-            # everything loaded so far lives as long as the server: out of the garbage collector's sight, so that
-            # its full collections scan only what turns create (they took 60-400 ms, stalling every user at once)
-            gc.collect()
-            gc.freeze()
+            from ..chat.serving import settle
+            settle(self.engine)  # CPU threads for the model's size; what was loaded out of the collector's sight
             self._set(f"Ready: {model.name_or_path}", 1.0)
         except Exception as e:  # noqa: BLE001
             self.failure = f"The app could not load any model ({type(e).__name__}: {e})."
