@@ -1,7 +1,10 @@
 """Speed and memory, measured side by side in one run and reported as ratios.
 
     python -m mini_gemini.bench [--json] [--skip-load] [--load-only] [--upload-only] [--serving-only]
-                                [--no-serving] [--workdir DIR]
+                                [--no-serving] [--app-only] [--cpu-real-size] [--no-attribution]
+                                [--llm-server URL --checkpoint CKPT] [--workdir DIR]
+
+With --json, the figures are also printed as one JSON object on the last line of the output.
 
 - load_memory_ratio: peak memory of loading a random checkpoint with MGM-2B's true shapes (bf16)
   ÷ its file size (goal <= 1.2). Measured in a fresh process: peak RSS minus the RSS before loading.
