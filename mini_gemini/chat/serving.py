@@ -6,8 +6,9 @@
 - CPU threads: a small model (fewer than SMALL_MODEL_PARAMS weights: the bundled demo model, tiny test checkpoints)
   is served on one torch thread. Its ops take microseconds, so a second thread saves nothing, and while other
   requests' Python work (HTTP, decoding pictures) keeps the other cores busy, every parallel op waits for a busy
-  core to join it. Measured through the app with a 0.3M-parameter Llama, 8 users at once on this project's
-  2-core CPU: all 8 answers in 0.38-0.45x the serial time on one thread, 0.54-0.63x on two (README, Benchmark).
+  core to join it. Measured through the app with a 0.3M-weight Llama, 8 users at once on this project's 2-core
+  CPU (`python -m mini_gemini.bench --app-only`): all 8 answers in 0.42-0.48x the serial time on one thread,
+  0.54-0.57x on two; their batched decode 0.23 s against 0.8-0.9 s (README, Benchmark).
   A real checkpoint keeps torch's default (its image encoding and prefill are arithmetic that two threads halve),
   and so does any process started with OMP_NUM_THREADS set (the user's choice).
 - Garbage collection: everything loaded so far lives as long as the server, so it is moved out of the collector's
