@@ -13,10 +13,12 @@ from mini_gemini.testing.tiny import build_tiny
 
 @pytest.fixture
 def two_threads(monkeypatch):
-    """torch at two threads (as a fresh process on a 2-core machine), restored afterwards; OMP_NUM_THREADS unset."""
+    """torch at two threads (as a fresh process on a 2-core machine), restored afterwards; OMP_NUM_THREADS unset; no
+    frozen heap."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
+    gc.unfreeze()  # an earlier test's server may have frozen the heap: only settle() may freeze it here
     yield
     torch.set_num_threads(before)
     gc.unfreeze()
