@@ -229,9 +229,10 @@ def overlay(photo: Image.Image, square_map: np.ndarray, *, cmap: str = "inferno"
     size = size or display_size(w, h)
     t = scaled(square_map, vmin, vmax)
     ri, ci = photo_cells(t.shape[:2], w, h, size)
-    heat = Image.fromarray(np.ascontiguousarray(colorize(t, cmap, 0.0, 1.0)[ri][:, ci]))
+    cells = ri[:, None], ci[None, :]  # one gather per map, straight into a contiguous (out_h, out_w) array
+    heat = Image.fromarray(colorize(t, cmap, 0.0, 1.0)[cells])
     a = alpha * t ** FADE_GAMMA if fade else np.full(t.shape, alpha, np.float32)
-    mask = Image.fromarray(np.ascontiguousarray((np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)[ri][:, ci]))
+    mask = Image.fromarray((np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)[cells])
     # PIL blends in C: photo * (1 - mask / 255) + heat * mask / 255, rounded
     out = Image.composite(heat, base if base is not None else display_rgb(photo, size), mask)
     if mark is not None:
